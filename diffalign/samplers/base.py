@@ -1,0 +1,384 @@
+"""Shared machinery of diffalign's schedulers.
+
+Every sampler is a diffusers scheduler. The noise schedule, the timestep/sigma grids (linspace, leading,
+trailing, Karras, exponential, beta, uniform-logSNR, flow-matching sigmas), ``add_noise`` and the step-index
+bookkeeping are inherited from diffusers' :class:`~diffusers.DPMSolverMultistepScheduler`, whose
+implementation of them is correct; this module adds
+
+* the shared config (:func:`schedule_config` puts the schedule parameters in every sampler's signature once),
+* model-output conversion to the pair (x0, eps) for epsilon / sample / v / flow predictions,
+* input validation with actionable messages, and
+* a ``step`` template: validate -> convert -> the sampler's update -> advance.
+
+A sampler subclass implements :meth:`DiffAlignScheduler._update` (its update equation) and, if it is not a plain
+one-evaluation-per-grid-point method, :meth:`DiffAlignScheduler._build_grid`.
+
+Notation (as in the DPM-Solver papers): x_t = alpha_t x0 + sigma_t eps, lambda_t = log(alpha_t / sigma_t),
+``s`` is the current (noisier) point and ``t`` the next one, h = lambda_t - lambda_s.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerOutput
+
+SCHEDULE_DEFAULTS: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+    "final_sigmas_type": "zero",
+    "lambda_min_clipped": -float("inf"),
+    "variance_type": None,
+    "rescale_betas_zero_snr": False,
+    "use_dynamic_shifting": False,
+    "time_shift_type": "exponential",
+    "discrete_timesteps": False,
+    "check_finite": True,
+}
+"""Noise-schedule parameters shared by every diffalign scheduler (diffusers' names and defaults), plus
+``discrete_timesteps`` (round model timesteps to integers even when the sigma grid is off the integer grid, as
+diffusers does; the default evaluates the model at the exact continuous time of each sigma) and
+``check_finite`` (raise when the model output is NaN/Inf)."""
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+SPACINGS = ("linspace", "leading", "trailing", "time_quadratic")
+
+
+def schedule_config(init):
+    """Give a sampler's ``__init__(self, *, <own params>, **schedule)`` the full signature.
+
+    The shared :data:`SCHEDULE_DEFAULTS` become keyword-only parameters of the signature that diffusers'
+    ``register_to_config`` / ``from_config`` introspect, so each sampler lists only its own parameters.
+    """
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in SCHEDULE_DEFAULTS.items()
+        if name not in names
+    ]
+    init.__signature__ = inspect.Signature(own[:1] + shared + own[1:])
+    return init
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """alpha, sigma and lambda = log(alpha / sigma) of one grid point, as Python floats (float64)."""
+
+    alpha: float
+    sigma: float
+    lambda_: float
+
+
+class DiffAlignScheduler(DPMSolverMultistepScheduler):
+    """Base class: diffusers' schedule machinery + validation + a ``step`` template. Not used directly."""
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    # output kind the update integrates: "x0" (data prediction) or "eps" (noise prediction)
+    _solver_output = "x0"
+
+    def _init_schedule(self, solver_order: int = 1) -> None:
+        """Build betas/alphas/sigmas from the config (diffusers' code) and reset the sampler state."""
+        c = self.config
+        if c.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={c.prediction_type!r} is not one of {PREDICTION_TYPES}.")
+        if c.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing={c.timestep_spacing!r} is not one of {SPACINGS}.")
+        if c.final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type={c.final_sigmas_type!r} must be 'zero' or 'sigma_min'.")
+        kwargs = {k: c[k] for k in SCHEDULE_DEFAULTS if k not in ("discrete_timesteps", "check_finite")}
+        DPMSolverMultistepScheduler.__init__.__wrapped__(
+            self, **kwargs, solver_order=solver_order, algorithm_type="dpmsolver++"
+        )
+        self._levels: list[NoiseLevel] = []
+        self._reset_state()
+
+    # ------------------------------------------------------------------ grid
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Set the sampling grid: ``num_inference_steps`` model evaluations (or explicit ``timesteps``)."""
+        if timesteps is None:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs `num_inference_steps` (or explicit `timesteps`).")
+            if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
+            self._check_num_steps(int(num_inference_steps))
+        self._build_grid(num_inference_steps, device, mu, timesteps)
+        self._levels = [self._noise_level(float(s)) for s in self.sigmas.double().tolist()]
+        self._reset_state()
+
+    def _check_num_steps(self, num_inference_steps: int) -> None:
+        """Raise if the sampler cannot run with this many model evaluations (overridden per sampler)."""
+
+    def _build_grid(self, num_inference_steps, device, mu, timesteps) -> None:
+        """Default grid: one model evaluation per point of diffusers' grid for this config."""
+        self._base_grid(num_inference_steps, device, mu, timesteps)
+
+    def _base_grid(self, num_inference_steps, device=None, mu=None, timesteps=None) -> None:
+        """diffusers' timesteps/sigmas for the config, plus the time-quadratic spacing diffusers lacks.
+
+        ``time_quadratic`` (DPM-Solver, Lu et al. 2022, Sec. 3.4): t_i quadratic in i. Uniform-logSNR grids are
+        diffusers' ``use_lu_lambdas=True``. Unless ``discrete_timesteps``, model timesteps are the exact
+        continuous times of the sigmas, so the model is evaluated at the noise level the solver assumes.
+        """
+        c = self.config
+        if timesteps is None and c.timestep_spacing == "time_quadratic":
+            last = self._last_timestep()
+            grid = np.linspace(math.sqrt(last - 1), 0.0, num_inference_steps + 1) ** 2
+            timesteps, num_inference_steps = grid[:-1].round().astype(np.int64), None
+            if len(np.unique(timesteps)) != len(timesteps):
+                raise ValueError(
+                    f"time_quadratic spacing with {len(timesteps)} steps repeats integer timesteps; use fewer "
+                    "steps or use_lu_lambdas=True."
+                )
+        DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, mu, timesteps)
+        off_grid = c.use_lu_lambdas or c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas
+        if off_grid and not c.discrete_timesteps and not c.use_flow_sigmas:
+            self.timesteps = self._continuous_timesteps(self.sigmas[:-1]).to(device)
+
+    def _last_timestep(self) -> int:
+        clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), self.config.lambda_min_clipped)
+        return int(self.config.num_train_timesteps - clipped)
+
+    def _continuous_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Continuous model times of VE sigmas (log-sigma interpolation between training timesteps)."""
+        if self.config.use_flow_sigmas:
+            return (sigmas.double() * self.config.num_train_timesteps).float()
+        log_sigmas = np.log(((1 - self.alphas_cumprod.double()) / self.alphas_cumprod.double()).sqrt().numpy())
+        return torch.from_numpy(np.array([self._sigma_to_t(s, log_sigmas) for s in sigmas.double().numpy()])
+                                ).float()
+
+    def _noise_level(self, sigma: float) -> NoiseLevel:
+        """(alpha, sigma, lambda) of a diffusers sigma (VE sigma, or flow sigma with ``use_flow_sigmas``)."""
+        if self.config.use_flow_sigmas:
+            alpha, sig = 1.0 - sigma, sigma
+        else:
+            alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+            sig = sigma * alpha
+        lam = math.inf if sig == 0.0 else (-math.inf if alpha == 0.0 else math.log(alpha) - math.log(sig))
+        return NoiseLevel(alpha, sig, lam)
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self.model_outputs: list[torch.Tensor] = []
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def noise_levels(self) -> list[NoiseLevel]:
+        """(alpha, sigma, lambda) of every grid point, the final one included."""
+        return self._levels
+
+    # ------------------------------------------------------------------ model output
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None,
+                             **kwargs) -> torch.Tensor:
+        """The model output as the quantity this solver integrates (x0 or eps), as diffusers' API expects."""
+        x0, eps = self.predict_x0_eps(model_output, sample)
+        return x0 if self._solver_output == "x0" else eps
+
+    def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data and noise predictions at the current step from any supported ``prediction_type``.
+
+        With ``thresholding`` (Imagen's dynamic thresholding, pixel-space models only) x0 is clipped and eps
+        recomputed from it.
+        """
+        lvl = self._levels[self.step_index]
+        a, s = lvl.alpha, lvl.sigma
+        kind = self.config.prediction_type
+        if self.config.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, : sample.shape[1]]
+        if kind == "epsilon":
+            eps = model_output
+            x0 = (sample - s * eps) / a
+        elif kind == "sample":
+            x0 = model_output
+            eps = (sample - a * x0) / s if s > 0 else torch.zeros_like(sample)
+        elif kind == "v_prediction":
+            x0 = a * sample - s * model_output
+            eps = a * model_output + s * sample
+        else:  # flow_prediction: x = (1 - s) x0 + s eps, velocity = eps - x0
+            x0 = sample - s * model_output
+            eps = sample + (1.0 - s) * model_output
+        if self.config.thresholding:
+            x0 = self._threshold_sample(x0)
+            if s > 0:
+                eps = (sample - a * x0) / s
+        return x0, eps
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """Advance ``sample`` from the current grid point to the next one, given the model output there."""
+        if self.num_inference_steps is None or not self._levels:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called before set_timesteps(); call "
+                "scheduler.set_timesteps(num_inference_steps) first."
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = self.step_index
+        if i >= len(self.timesteps):
+            raise RuntimeError(
+                f"step() called {i + 1} times but the grid has {len(self.timesteps)} steps; call set_timesteps() "
+                "again to start a new trajectory."
+            )
+        if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[2:]:
+            raise ValueError(
+                f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}."
+            )
+        if self.config.check_finite and not math.isfinite(float(model_output.sum())):
+            raise FloatingPointError(
+                f"the model output is NaN/Inf at step {i} (timestep {float(self.timesteps[i]):g}); check the "
+                "model, its dtype (try float32) and the inputs. Set check_finite=False to skip this check."
+            )
+        dtype = sample.dtype
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        x0, eps = self.predict_x0_eps(model_output.to(work), sample.to(work))
+        noise = None
+        if self._needs_noise():
+            noise = (variance_noise if variance_noise is not None else
+                     torch.randn(sample.shape, generator=generator, device=sample.device, dtype=work))
+            noise = noise.to(device=sample.device, dtype=work)
+        prev_sample = self._update(sample.to(work), x0, eps, noise).to(dtype)
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
+
+    def _needs_noise(self) -> bool:
+        return False
+
+    def _update(self, sample: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
+                noise: torch.Tensor | None) -> torch.Tensor:
+        """The sampler's update from grid point ``step_index`` to ``step_index + 1``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ multistep helpers
+    def _push_output(self, output: torch.Tensor, keep: int) -> None:
+        """Append to the history of solver outputs, keeping the last ``keep``."""
+        self.model_outputs.append(output)
+        del self.model_outputs[:-keep]
+
+    def _multistep_order(self, solver_order: int, lower_order_final: bool, euler_at_final: bool = False) -> int:
+        """Order of the current multistep update (diffusers' warm-up and final-step rules).
+
+        Orders rise 1, 2, ... as the history fills. The last step is first order when it lands on sigma = 0
+        (higher-order terms are undefined at lambda = inf), with ``euler_at_final``, or with
+        ``lower_order_final`` under 15 steps; then the second-to-last is at most second order.
+        """
+        i, n = self.step_index, len(self.timesteps)
+        order = min(solver_order, len(self.model_outputs))
+        short = lower_order_final and n < 15
+        if i == n - 1 and (euler_at_final or short or self._levels[-1].sigma == 0.0):
+            return 1
+        if i == n - 2 and short:
+            return min(order, 2)
+        return order
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise a ValueError naming the valid choices when a config value is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+
+
+def singlestep_orders(num_evals: int, solver_order: int, final_to_zero: bool) -> list[int]:
+    """Orders of the singlestep groups for a budget of model evaluations (DPM-Solver, Lu et al. 2022, App. D.1).
+
+    Uses as many order-``solver_order`` steps as fit and finishes with lower orders; when the grid ends at
+    sigma = 0 the last step is first order (the intermediate points of a higher-order step would lie at lambda =
+    inf).
+    """
+    if final_to_zero and solver_order > 1:
+        return singlestep_orders(num_evals - 1, solver_order, False) + [1] if num_evals > 1 else [1]
+    k, rest = divmod(num_evals, solver_order)
+    if solver_order == 3 and rest == 0 and k > 1:
+        return [3] * (k - 1) + [2, 1]
+    return [solver_order] * k + ([rest] if rest else [])
+
+
+SINGLESTEP_RATIOS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
+"""Intermediate points of a singlestep group, as fractions r of the step in lambda (Lu et al. 2022, Alg. 1-2)."""
+
+
+@dataclass(frozen=True)
+class SinglestepSlot:
+    """Where grid point ``i`` sits: in the group starting at ``start``, position ``pos`` of ``order``."""
+
+    start: int
+    pos: int
+    order: int
+
+
+class SinglestepMixin:
+    """Grid and bookkeeping of singlestep solvers: each group of ``order`` model evaluations goes from one
+    outer grid point to the next through intermediate points uniform in lambda, one evaluation per ``step``."""
+
+    def _singlestep_grid(self, num_evals, device, mu, timesteps, solver_order: int) -> None:
+        if timesteps is not None:
+            raise ValueError("custom `timesteps` are only supported with solver_mode='multistep'.")
+        final_zero = self.config.final_sigmas_type == "zero"
+        orders = singlestep_orders(num_evals, solver_order, final_zero)
+        self._base_grid(len(orders), device, mu)
+        outer_t, outer_s = self.timesteps.cpu(), self.sigmas.double()
+        sigmas, times, slots = [], [], []
+        for k, order in enumerate(orders):
+            s, t = self._noise_level(float(outer_s[k])), self._noise_level(float(outer_s[k + 1]))
+            start = len(sigmas)
+            sigmas.append(float(outer_s[k]))
+            times.append(float(outer_t[k]))
+            for r in SINGLESTEP_RATIOS[order]:
+                sigmas.append(self._sigma_of_lambda(s.lambda_ + r * (t.lambda_ - s.lambda_)))
+                times.append(float("nan"))
+            slots += [SinglestepSlot(start, pos, order) for pos in range(order)]
+        sigmas.append(float(outer_s[-1]))
+        sig = torch.tensor(sigmas, dtype=torch.float64)
+        times_t = torch.tensor(times, dtype=torch.float64)
+        inner = torch.isnan(times_t)
+        if inner.any():
+            cont = self._continuous_timesteps(sig[:-1][inner])
+            times_t[inner] = cont.double().round() if self.config.discrete_timesteps else cont.double()
+        self.sigmas = sig.float()
+        dtype = torch.int64 if self.config.discrete_timesteps or not inner.any() else torch.float32
+        self.timesteps = times_t.to(dtype=dtype, device=device)
+        self.num_inference_steps = len(self.timesteps)
+        self._slots = slots
+
+    def _sigma_of_lambda(self, lam: float) -> float:
+        """diffusers sigma (VE sigma, or flow sigma) at half-log-SNR ``lam``."""
+        ve = math.exp(-lam)
+        return ve / (1.0 + ve) if self.config.use_flow_sigmas else ve

@@ -1,0 +1,40 @@
+"""Sampling loops over any diffusers scheduler, as generators (one yield per grid point)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield x after each scheduler step, starting from noise ``x_T`` (unit variance).
+
+    ``model(x, t)`` returns the raw model output (the scheduler's ``prediction_type``). Works with diffalign's
+    and diffusers' schedulers alike: ``scale_model_input`` and ``init_noise_sigma`` are honoured.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=x_T.device)
+    x = x_T * scheduler.init_noise_sigma
+    kwargs = {"generator": generator} if generator is not None else {}
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+        yield x
+
+
+def sample(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The final sample of :func:`trajectory`."""
+    x = x_T
+    for x in trajectory(scheduler, model, x_T, num_inference_steps, generator):
+        pass
+    return x
+
+
+def count_evaluations(scheduler, num_inference_steps: int) -> int:
+    """Number of model evaluations the scheduler makes for ``num_inference_steps``."""
+    scheduler.set_timesteps(num_inference_steps)
+    return len(scheduler.timesteps)
