@@ -40,7 +40,7 @@ def rms_error_at_sigma_min(sched, steps: int, exact_start: int = 0) -> tuple[int
 
 
 def observed_order(make, steps_list, exact_start: int = 0) -> float:
-    nfe, err = zip(*(rms_error_at_sigma_min(make(), n, exact_start) for n in steps_list))
+    nfe, err = zip(*(rms_error_at_sigma_min(make(), n, exact_start) for n in steps_list), strict=True)
     assert all(e > 1e-8 for e in err), f"errors {err} reach the reference accuracy; use fewer steps"
     return -np.polyfit(np.log(nfe), np.log(err), 1)[0]
 

@@ -1,6 +1,7 @@
 """DPM-Solver (Lu et al. 2022, arXiv 2206.00927): exponential integrators of the noise-prediction ODE.
 
-Exact solution (Eq. 3.4): x_t = (alpha_t / alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps_theta dlambda.
+Exact solution (Eq. 3.4):
+    x_t = (alpha_t / alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps_theta dlambda.
 Updates (see :mod:`diffalign.samplers.exponential`, with (A, B, H) = (alpha, sigma, h)):
 
 * DPM-Solver-1 (Eq. 3.7, = DDIM): x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_s;

@@ -29,8 +29,8 @@ def sample(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: in
            generator: torch.Generator | None = None) -> torch.Tensor:
     """The final sample of :func:`trajectory`."""
     x = x_T
-    for x in trajectory(scheduler, model, x_T, num_inference_steps, generator):
-        pass
+    for x_next in trajectory(scheduler, model, x_T, num_inference_steps, generator):
+        x = x_next
     return x
 
 

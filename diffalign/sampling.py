@@ -1,0 +1,49 @@
+"""Sample images from a named model with any registered sampler, and save them as a labelled grid."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from .samplers import make_scheduler
+
+
+def sample_images(named_model, sampler: str, steps: int, num_images: int, label: int | None = None,
+                  guidance: float = 1.0, seed: int = 0, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Images in [0, 1], shape [N, C, H, W]; class-conditional (and guided) when ``label`` is given."""
+    from tqdm.auto import tqdm
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    sched = make_scheduler(sampler, named_model.scheduler_config)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=named_model.dtype).to(device)
+    labels = None if label is None else torch.full((num_images,), label, dtype=torch.long, device=device)
+    sched.set_timesteps(steps, device=device)
+    x = x * sched.init_noise_sigma
+    for t in tqdm(sched.timesteps, desc=sampler, disable=not progress):
+        out = named_model.predict(sched.scale_model_input(x, t), t, labels, guidance)
+        x = sched.step(out, t, x, generator=gen).prev_sample
+    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+
+def save_grid(images: torch.Tensor, path: str, title: str = "", scale: int | None = None) -> Image.Image:
+    """Save [N, C, H, W] images in [0, 1] as a near-square PNG grid with a caption line."""
+    from diffusers.utils import make_image_grid
+
+    n, c, h, w = images.shape
+    scale = scale or max(1, 64 // max(h, w))
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pil = [ImageOps.expand(Image.fromarray(a[..., 0] if c == 1 else a).convert("RGB")
+                           .resize((w * scale, h * scale), Image.NEAREST), border=2, fill="white") for a in arr]
+    cols = int(n**0.5 + 0.999)
+    rows = (n + cols - 1) // cols
+    pil += [Image.new("RGB", pil[0].size)] * (rows * cols - n)
+    grid = make_image_grid(pil, rows, cols)
+    if title:
+        canvas = Image.new("RGB", (grid.width, grid.height + 14), "white")
+        canvas.paste(grid, (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), title, fill="black")
+        grid = canvas
+    grid.save(path)
+    return grid
