@@ -71,7 +71,8 @@ def test_dpm_solver_pp_flow_matching_matches_diffusers():
     config = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
     model = FLOW_MODEL
     x = X_T.float()
-    got = sample(make_scheduler("dpm-solver++", config), model, x, 12)
+    # diffusers rounds model times to integers; discrete_timesteps=True reproduces that
+    got = sample(make_scheduler("dpm-solver++", config, discrete_timesteps=True), model, x, 12)
     expected = sample(DPMSolverMultistepScheduler(**config), model, x, 12)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -167,3 +168,15 @@ def test_invalid_config_values_name_the_choices():
         make_scheduler("dpm-solver++", solver_order=4)
     with pytest.raises(ValueError, match="prediction_type"):
         make_scheduler("ddim", prediction_type="score")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_switching_schedulers_through_from_config_keeps_each_ones_defaults(name):
+    switched = make_scheduler("dpm-solver++", make_scheduler(name).config)
+    assert switched.config.solver_order == 2 and switched.config.solver_mode == "multistep"
+
+
+def test_flow_matching_timesteps_are_the_exact_model_times():
+    sched = make_scheduler("dpm-solver++", use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    sched.set_timesteps(7)
+    torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)

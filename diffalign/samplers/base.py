@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from diffusers.configuration_utils import FrozenDict
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerOutput
 
 SCHEDULE_DEFAULTS: dict[str, object] = {
@@ -157,9 +158,15 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
                     f"time_quadratic spacing with {len(timesteps)} steps repeats integer timesteps; use fewer "
                     "steps or use_lu_lambdas=True."
                 )
-        DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, mu, timesteps)
+        saved = self._internal_dict
+        if "solver_order" not in saved:  # diffusers' grid code sizes its history by solver_order
+            self._internal_dict = FrozenDict({**saved, "solver_order": 1})
+        try:
+            DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, mu, timesteps)
+        finally:
+            self._internal_dict = saved
         off_grid = c.use_lu_lambdas or c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas
-        if off_grid and not c.discrete_timesteps and not c.use_flow_sigmas:
+        if (off_grid or c.use_flow_sigmas) and not c.discrete_timesteps:
             self.timesteps = self._continuous_timesteps(self.sigmas[:-1]).to(device)
 
     def _last_timestep(self) -> int:

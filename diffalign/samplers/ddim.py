@@ -27,7 +27,6 @@ class DDIMScheduler(DiffAlignScheduler):
     def __init__(self, *, eta: float = 0.0, **schedule):
         if not 0.0 <= eta:
             raise ValueError(f"eta must be >= 0, got {eta}.")
-        self.register_to_config(solver_order=1)
         self._init_schedule(1)
 
     def _needs_noise(self) -> bool:

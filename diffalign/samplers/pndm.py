@@ -84,7 +84,6 @@ class PNDMScheduler(DiffAlignScheduler):
     def __init__(self, *, warmup: str = "s-pndm", **schedule):
         check_choice("warmup", warmup, tuple(WARMUP_RULES))
         # read by diffusers' grid code only; DPM-Solver's default keeps configs interchangeable
-        self.register_to_config(solver_order=2)
         self._init_schedule(2)
         self._plan: list[Evaluation] = []
 
@@ -102,7 +101,7 @@ class PNDMScheduler(DiffAlignScheduler):
         if warmup == "f-pndm":
             why, other = "its 3 Runge-Kutta steps end before the final point", "warmup='s-pndm' or 'plms'"
         else:
-            why, other = "its improved-Euler first step evaluates the model at the second point", "DDIM"
+            why, other = "its improved-Euler first step evaluates the model at the second point", "DDIMScheduler"
         raise ValueError(f"warmup={warmup!r} needs num_inference_steps >= {need} ({why}), got "
                          f"{num_inference_steps}; use more steps or {other}.")
 
@@ -126,9 +125,9 @@ class PNDMScheduler(DiffAlignScheduler):
                 stages = [here, mid, mid, grid[k + 1]]
             self._plan += [Evaluation(len(points), stage, rule) for stage in range(len(stages))]
             points += stages
-        times = torch.tensor([t for _, t in points], dtype=torch.float64)
-        integral = bool((times == times.round()).all())
-        self.timesteps = times.to(dtype=torch.int64 if integral else torch.float32, device=device)
+        plan_t = torch.tensor([t for _, t in points], dtype=torch.float64)
+        integral = bool((plan_t == plan_t.round()).all())
+        self.timesteps = plan_t.to(dtype=torch.int64 if integral else torch.float32, device=device)
         self.sigmas = torch.tensor([s for s, _ in points] + sig[-1:], dtype=torch.float32)
 
     def _midpoint(self, s: tuple[float, float], t: tuple[float, float]) -> tuple[float, float]:
