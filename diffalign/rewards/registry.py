@@ -1,0 +1,59 @@
+"""Reward registry: built-ins plus third-party rewards found through the ``diffalign.rewards`` entry-point group.
+
+A package adds a reward without touching diffalign by declaring, in its pyproject.toml::
+
+    [project.entry-points."diffalign.rewards"]
+    my_reward = "my_pkg.rewards:make_my_reward"   # a factory: make_my_reward(**kwargs) -> reward function
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from .base import Reward
+
+ENTRY_POINT_GROUP = "diffalign.rewards"
+_FACTORIES: dict[str, tuple[Callable[..., Callable], bool]] = {}
+
+
+def register_reward(name: str, differentiable: bool = False):
+    """Decorator registering a reward factory ``factory(**kwargs) -> fn(images, prompts, metadata)``."""
+
+    def decorator(factory):
+        _FACTORIES[name] = (factory, differentiable)
+        return factory
+
+    return decorator
+
+
+def _entry_point_factories() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_rewards() -> list[str]:
+    """Names accepted by :func:`get_reward` (built-ins and installed entry points)."""
+    _load_builtins()
+    return sorted(set(_FACTORIES) | set(_entry_point_factories()))
+
+
+def get_reward(name: str, differentiable: bool = False, **kwargs) -> Reward:
+    """Instantiate the reward registered as ``name`` with ``kwargs``."""
+    _load_builtins()
+    if name in _FACTORIES:
+        factory, supports_grad = _FACTORIES[name]
+    else:
+        eps = _entry_point_factories()
+        if name not in eps:
+            raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}.")
+        factory, supports_grad = eps[name].load(), bool(getattr(eps[name], "differentiable", False))
+    if differentiable and not supports_grad:
+        raise ValueError(f"reward {name!r} is not differentiable; use differentiable=False.")
+    fn = factory(**kwargs)
+    if isinstance(fn, Reward):
+        return fn
+    return Reward(fn, name=name, differentiable=differentiable)
+
+
+def _load_builtins() -> None:
+    from . import builtin  # noqa: F401  (registers on import)

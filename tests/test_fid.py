@@ -1,0 +1,74 @@
+"""FID on a pluggable feature network: against scipy, self-distance, perturbations, stats files, KID."""
+
+import pytest
+import torch
+
+from diffalign.eval.fid import FID, Features, feature_stats, frechet_distance_scipy, kid, load_stats, save_stats
+from diffalign.models import load_digits_tensor
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _ = load_digits_tensor()
+    return (images + 1) / 2  # [0, 1]
+
+
+@pytest.fixture(scope="module")
+def features():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())
+    return Features(net, 64)
+
+
+def fid_of(features, real, fake):
+    fid = FID(features)
+    fid.add_reference(real)
+    fid.add(fake)
+    return fid.compute()
+
+
+def test_fid_of_a_set_against_itself_is_zero(digits, features):
+    assert abs(fid_of(features, digits, digits)) < 1e-8
+
+
+def test_fid_grows_with_perturbation(digits):
+    features = Features(torch.nn.Flatten(), 64)  # raw pixels: a transparent feature space
+    half = digits[:900]
+    noisy = (half + 0.1 * torch.randn(half.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    split = fid_of(features, digits[:900], digits[900:])
+    assert fid_of(features, half, noisy) > 5 * split > 0
+    assert fid_of(features, half, 1 - half) > fid_of(features, half, noisy)
+
+
+def test_fid_equals_an_independent_scipy_sqrtm_computation(digits, features):
+    real, fake = digits[:900], digits[900:] ** 1.5
+    a, b = feature_stats(features, [real]), feature_stats(features, [fake])
+    expected = frechet_distance_scipy(a["mean"].numpy(), a["cov"].numpy(), b["mean"].numpy(), b["cov"].numpy())
+    assert fid_of(features, real, fake) == pytest.approx(expected, rel=1e-6)
+
+
+def test_precomputed_reference_statistics_round_trip(digits, features, tmp_path):
+    stats = feature_stats(features, [digits[:600], digits[600:900]])  # batched accumulation
+    save_stats(stats, tmp_path / "ref.safetensors")
+    fid = FID(features)
+    fid.load_reference(tmp_path / "ref.safetensors")
+    fid.add(digits[900:])
+    assert fid.compute() == pytest.approx(fid_of(features, digits[:900], digits[900:]), rel=1e-9)
+    with pytest.raises(FileNotFoundError, match="fid-stats"):
+        load_stats(tmp_path / "missing.safetensors")
+
+
+def test_uint8_and_float_inputs_agree_and_wrong_ranges_are_rejected(digits, features):
+    as_uint8 = (digits * 255).round().to(torch.uint8)
+    assert fid_of(features, digits[:900], as_uint8[900:]) == pytest.approx(
+        fid_of(features, digits[:900], as_uint8[900:].float() / 255), rel=1e-9)
+    fid = FID(features)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fid.add(digits * 255)
+
+
+def test_kid_small_sample(digits, features):
+    same, _ = kid(features, digits[:300], digits[300:600], subsets=20)
+    diff, _ = kid(features, digits[:300], 1 - digits[300:600], subsets=20)
+    assert abs(same) < diff
