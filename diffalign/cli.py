@@ -40,6 +40,46 @@ def _bench(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _calibrate_dc(args) -> None:
+    from .models.registry import load_model
+    from .samplers.calibrate import calibrate_dc_solver_model, write_ratio_entry
+
+    overrides = {}
+    for item in args.config or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    named = load_model(args.model, device=args.device)
+    entry = calibrate_dc_solver_model(named, args.steps, args.guidance, args.num_datapoints, args.seed, args.iters,
+                                      args.lr, args.bound, overrides, device=args.device, progress=not args.quiet)
+    path = write_ratio_entry(args.out, entry, model=args.model)
+    before, after = sum(entry["loss_initial"]), sum(entry["loss_final"])
+    print("ratios: " + ", ".join(f"{r:.4f}" for r in entry["ratios"]))
+    print(f"calibration loss (sum over steps) {before:.4e} -> {after:.4e} in {entry['seconds']:.1f} s; wrote {path}")
+
+
+def _calibrate_cpr(args) -> None:
+    from .samplers.calibrate import fit_cpr_files
+
+    cpr = fit_cpr_files([p for p in args.inputs.split(",") if p], args.out)
+    print(f"CPR fit to {cpr['num_points']} ratios of {len(cpr['configs'])} configurations (rank {cpr['rank']}/36, "
+          f"max |residual| {cpr['max_abs_residual']:.2e}); wrote {args.out}")
+
+
+def _ems_compute(args) -> None:
+    from .models.registry import load_model
+    from .samplers.ems import compute_model_ems
+
+    named = load_model(args.model, device=args.device)
+    ems = compute_model_ems(named, args.num_datapoints, args.grid, guidance=args.guidance, datapoints=args.datapoints,
+                            out=args.out, seed=args.seed, device=args.device, num_probes=args.num_probes,
+                            batch_size=args.batch_size, progress=not args.quiet)
+    print(f"EMS for {args.model} (shape {list(ems.sample_shape)}, N={ems.num_points}, K={args.num_datapoints}, "
+          f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s; wrote {args.out}")
+
+
 def _models(args) -> None:
     from .models.registry import MODELS
 
@@ -75,11 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", default=None)
     bs.set_defaults(func=_bench)
 
+    c = sub.add_parser("calibrate", help="offline sampler calibration (DC-Solver ratios, CPR)")
+    csub = c.add_subparsers(dest="what", required=True)
+    cd = csub.add_parser("dc-solver", help="search DC-Solver's compensation ratios against a ground truth")
+    cd.add_argument("--model", default="reference:digits")
+    cd.add_argument("--steps", type=int, required=True, help="number of steps (NFE) to calibrate for")
+    cd.add_argument("--guidance", type=float, default=1.0)
+    cd.add_argument("--num-datapoints", type=int, default=10)
+    cd.add_argument("--out", required=True, help="ratio JSON file (entries for other NFE/guidance are kept)")
+    cd.add_argument("--iters", type=int, default=40)
+    cd.add_argument("--lr", type=float, default=0.1)
+    cd.add_argument("--bound", choices=["none", "tanh"], default="none")
+    cd.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
+    cd.add_argument("--config", action="append", metavar="KEY=VALUE", help="scheduler config override (repeatable)")
+    cd.set_defaults(func=_calibrate_dc)
+    cc = csub.add_parser("cpr", help="fit the cascade polynomial regression to calibrated ratio files")
+    cc.add_argument("--inputs", required=True, help="comma-separated ratio JSON files")
+    cc.add_argument("--out", required=True)
+    cc.set_defaults(func=_calibrate_cpr)
+
+    e = sub.add_parser("ems", help="empirical model statistics (EMS) for dpm-solver-v3")
+    esub = e.add_subparsers(dest="what", required=True)
+    ec = esub.add_parser("compute", help="estimate the EMS of a model (resumable; writes ems.safetensors + ems.json)")
+    ec.add_argument("--model", default="reference:digits")
+    ec.add_argument("--guidance", type=float, default=1.0, help="guided EMS (labels from the datapoints) when != 1")
+    ec.add_argument("--num-datapoints", type=int, default=1024, help="K: datapoints per grid point")
+    ec.add_argument("--grid", type=int, default=1000, help="N: N + 1 points uniform in lambda")
+    ec.add_argument("--datapoints", choices=["data", "samples"], default="data",
+                    help="the model's data set, or samples of the model at --guidance (50-step DPM-Solver++)")
+    ec.add_argument("--num-probes", type=int, default=1, help="Rademacher probes per datapoint for l")
+    ec.add_argument("--batch-size", type=int, default=256, help="datapoints per JVP (memory bound)")
+    ec.add_argument("--out", required=True, help="output directory (partial results there are resumed)")
+    ec.add_argument("--seed", type=int, default=0)
+    ec.set_defaults(func=_ems_compute)
+
     m = sub.add_parser("models", help="list the available models")
     m.add_argument("action", choices=["list"])
     m.set_defaults(func=_models)
 
-    for sp in (s, bs, m):
+    for sp in (s, bs, cd, cc, ec, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -89,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -30,7 +30,7 @@ def check_images(images: torch.Tensor, prompts: Sequence[str] | None = None) -> 
     elif not images.is_floating_point():
         raise TypeError(f"images must be float in [0, 1] or uint8, got {images.dtype}.")
     else:
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = float(images.detach().min()), float(images.detach().max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ValueError("images contain NaN/Inf.")
         if lo < -1e-3 or hi > 1 + 1e-3:

@@ -15,7 +15,10 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
-    sched = make_scheduler(sampler, named_model.scheduler_config)
+    from .eval.sampler_bench import sampler_overrides
+
+    overrides = sampler_overrides(named_model, sampler, guidance)
+    sched = make_scheduler(sampler, {**named_model.scheduler_config, **overrides})
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=named_model.dtype).to(device)
     labels = None if label is None else torch.full((num_images,), label, dtype=torch.long, device=device)

@@ -7,6 +7,7 @@ it is a 500-step DPM-Solver++(3M) solution in float64.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass
 
@@ -14,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.reference import ReferenceModel, solve_reference
-from ..samplers import make_scheduler
+from ..samplers import get_scheduler_class, make_scheduler
 from ..samplers.loop import count_evaluations
 
 BASELINES = ("diffusers:DPMSolverMultistepScheduler", "diffusers:UniPCMultistepScheduler")
@@ -80,6 +81,18 @@ class _TimedStep:
         return out
 
 
+def sampler_overrides(named_model, name: str, guidance: float) -> dict:
+    """Config entries for sampler ``name`` on this model: the model's per-sampler calibration data
+    (``NamedModel.sampler_overrides``, e.g. DC-Solver ratio files; a ``dualfast:<base>`` sampler uses its base's) and
+    ``guidance_scale`` for samplers whose calibration depends on the guidance scale (a ``guidance_scale`` argument)."""
+    table = getattr(named_model, "sampler_overrides", None) or {}
+    overrides = dict(table.get(name) or table.get(name.removeprefix("dualfast:")) or {})
+    if not name.startswith("diffusers:") and "guidance_scale" in inspect.signature(
+            get_scheduler_class(name).__init__).parameters:
+        overrides["guidance_scale"] = float(guidance)
+    return overrides
+
+
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    progress: bool = True) -> list[BenchRecord]:
@@ -93,7 +106,7 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     records = []
     jobs = [(n, k) for n in names for k in nfes]
     for name, nfe in tqdm(jobs, desc="bench", disable=not progress):
-        sched = make_scheduler(name, config)
+        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance)})
         steps = steps_for_nfe(sched, nfe)
         timer = _TimedStep(sched)
         sched.step = timer

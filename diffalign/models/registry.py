@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .reference import ReferenceModel, digits_reference_model
 
+DC_RATIOS = Path(__file__).parent / "dc_ratios"
+EMS_DIR = Path(__file__).parent / "ems"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -22,6 +25,8 @@ class NamedModel:
     sample_shape: tuple[int, ...]
     dtype: torch.dtype = torch.float64
     extra: dict = field(default_factory=dict)
+    sampler_overrides: dict = field(default_factory=dict)
+    """Per-sampler scheduler config entries for this model (calibration data), e.g. DC-Solver's ratio files."""
 
     def prompt_to_label(self, prompt: str) -> int:
         """Class index of a prompt: a class name ("seven") or its index ("7")."""
@@ -42,6 +47,10 @@ class NamedModel:
 
 
 MODELS = {"reference:digits": "closed-form Gaussian mixture on scikit-learn's 8x8 digits (zero model error)"}
+MODELS.update({
+    "builtin:digits": "shipped class-conditional UNet trained on scikit-learn's 8x8 digits (real model error)",
+    "builtin:fashion": "shipped class-conditional UNet trained on Fashion-MNIST 32x32 (prompts 'sneaker', 'bag', ...)",
+})
 
 
 def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:
@@ -50,5 +59,24 @@ def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:
         config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                   "prediction_type": "epsilon"}
         model = digits_reference_model(config).to(device)
-        return NamedModel(name, model, config, DIGIT_NAMES, (1, 8, 8))
+        dc = DC_RATIOS / "reference_digits"  # `diffalign calibrate dc-solver` / `calibrate cpr` (NFE 5-10, g 1, 7.5)
+        overrides = {"dc-solver": {"dc_ratios_path": str(dc / "ratios.json"), "cpr_path": str(dc / "cpr.json")}}
+        ems = EMS_DIR / "reference_digits"  # `diffalign ems compute --model reference:digits` (unguided)
+        if (ems / "ems.safetensors").is_file():
+            overrides["dpm-solver-v3"] = {"ems_path": str(ems)}
+        return NamedModel(name, model, config, DIGIT_NAMES, (1, 8, 8), sampler_overrides=overrides)
+    if name.startswith("builtin:"):
+        return _load_builtin(name, device)
     raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}.")
+
+
+def _load_builtin(name: str, device: str | torch.device) -> NamedModel:
+    """A shipped UNet (``builtin:digits``/``builtin:fashion``) as a float32 :class:`NamedModel`: ``model(x, t, labels)``
+    gives epsilon (``labels=None``: the null class) and ``model.guided(x, t, labels, g)`` the guided epsilon."""
+    from .builtin import builtin_named_parts
+
+    parts = builtin_named_parts(name, device)  # unknown builtin names raise a ValueError listing the valid ones
+    spec = parts["spec"]
+    class_names = DIGIT_NAMES if spec.name == "digits" else spec.class_names
+    return NamedModel(name, parts["model"], parts["scheduler_config"], class_names, parts["sample_shape"],
+                      dtype=torch.float32, extra={"null_label": spec.null_label, "spec": spec})

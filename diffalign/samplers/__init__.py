@@ -9,19 +9,29 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .base import DiffAlignScheduler
+from .dc_solver import DCSolverScheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPlusPlusScheduler
+from .dpm_solver_v3 import DPMSolverV3Scheduler
+from .dualfast import dualfast_class
 from .loop import sample, trajectory
 from .pndm import PNDMScheduler
+from .unipc import UniPCScheduler
 
 SAMPLERS: dict[str, type] = {
     "ddim": DDIMScheduler,
     "dpm-solver": DPMSolverScheduler,
     "dpm-solver++": DPMSolverPlusPlusScheduler,
+    "dpm-solver-v3": DPMSolverV3Scheduler,
     "pndm": PNDMScheduler,
+    "unipc": UniPCScheduler,
+    "dc-solver": DCSolverScheduler,
 }
 """Registry: sampler name -> scheduler class."""
+
+SAMPLERS.update({f"dualfast:{name}": dualfast_class(cls) for name, cls in list(SAMPLERS.items())})
+"""DualFast wraps every sampler: ``dualfast:<name>`` (see :mod:`diffalign.samplers.dualfast`)."""
 
 
 def get_scheduler_class(name: str) -> type:
@@ -33,6 +43,8 @@ def get_scheduler_class(name: str) -> type:
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"unknown diffusers scheduler {name!r}; e.g. 'diffusers:DPMSolverMultistepScheduler'.")
         return cls
+    if name.startswith("dualfast:") and name not in SAMPLERS:
+        return dualfast_class(get_scheduler_class(name.split(":", 1)[1]))
     try:
         return SAMPLERS[name]
     except KeyError:
@@ -50,9 +62,13 @@ __all__ = [
     "SAMPLERS",
     "DDIMScheduler",
     "DPMSolverScheduler",
+    "DCSolverScheduler",
     "DPMSolverPlusPlusScheduler",
+    "DPMSolverV3Scheduler",
     "DiffAlignScheduler",
     "PNDMScheduler",
+    "UniPCScheduler",
+    "dualfast_class",
     "get_scheduler_class",
     "make_scheduler",
     "sample",

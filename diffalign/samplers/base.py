@@ -267,7 +267,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             raise ValueError(
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}."
             )
-        if self.config.check_finite and not math.isfinite(float(model_output.sum())):
+        if self.config.check_finite and not math.isfinite(float(model_output.detach().sum())):
             raise FloatingPointError(
                 f"the model output is NaN/Inf at step {i} (timestep {float(self.timesteps[i]):g}); check the "
                 "model, its dtype (try float32) and the inputs. Set check_finite=False to skip this check."
@@ -275,6 +275,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         dtype = sample.dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
         x0, eps = self.predict_x0_eps(model_output.to(work), sample.to(work))
+        x0, eps = self._adjust_prediction(sample.to(work), x0, eps)
         noise = None
         if self._needs_noise():
             noise = (variance_noise if variance_noise is not None else
@@ -288,6 +289,11 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
 
     def _needs_noise(self) -> bool:
         return False
+
+    def _adjust_prediction(self, sample: torch.Tensor, x0: torch.Tensor,
+                           eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook on the step's (x0, eps) before the update (identity; DualFast mixes in an earlier output)."""
+        return x0, eps
 
     def _update(self, sample: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
                 noise: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,363 @@
+"""DPM-Solver-v3: reduction oracles, EMS estimation, convergence order, errors, config round trip, pipelines, CLI.
+
+Convergence is measured as in tests/test_convergence.py (uniform-lambda grids, error at sigma_min against an
+adaptive DOP853 solve). The v3 solution formula is exact for *any* statistics (l, s, b), so the order of the
+discretization is measured with smooth synthetic statistics on a fine EMS grid (N = 3200: the trapezoid rule's
+O(dlambda^2) bias, ~3e-6 here, stays below the errors measured); statistics estimated from 64 datapoints add
+Monte-Carlo roughness in lambda that no polynomial extrapolation removes.
+"""
+
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
+
+from diffalign.cli import main
+from diffalign.models import digits_reference_model, solve_reference
+from diffalign.models.registry import load_model
+from diffalign.samplers import (
+    SAMPLERS,
+    DDIMScheduler,
+    DPMSolverPlusPlusScheduler,
+    DPMSolverV3Scheduler,
+    make_scheduler,
+    sample,
+    trajectory,
+)
+from diffalign.samplers.ems import EMS, compute_ems, compute_model_ems, load_ems, schedule_lambda_range
+
+MODEL = digits_reference_model(prediction_type="epsilon")
+X_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+LU = {"use_lu_lambdas": True, "lower_order_final": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The closed-form model is ~20x faster on one thread than on two contended ones."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def digits_ems(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ems") / "digits"
+    ems = compute_model_ems(load_model("reference:digits"), 64, 40, out=out, progress=False)
+    return out, ems
+
+
+@pytest.fixture(scope="module")
+def synthetic_ems(tmp_path_factory):
+    """Smooth, non-trivial (l, s, b) on a fine grid; l -> 1 at high noise like real EMS."""
+    lam_T, lam_0 = schedule_lambda_range({})
+    lam = torch.linspace(lam_T, lam_0, 3201, dtype=torch.float64)
+    a2 = torch.sigmoid(2 * lam)
+    pattern = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(1, 1, 8, 8)
+    col = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    l = col((1 - a2) / (a2 * 0.09 + 1 - a2)) * (1 + 0.1 * pattern * col(a2))
+    s = col(-0.5 * torch.tanh(lam / 2)) + 0.2 * pattern
+    b = col(0.05 * torch.sin(lam)) * (1 + pattern)
+    out = tmp_path_factory.mktemp("ems") / "synthetic"
+    EMS(l, s, b, lam, {"schedule": None}).save(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ oracles
+@pytest.mark.parametrize("config", [{}, {"use_lu_lambdas": True}, {"timestep_spacing": "trailing"}])
+@pytest.mark.parametrize("steps", [5, 12])
+def test_degenerated_order_1_is_ddim(config, steps):
+    expected = sample(DDIMScheduler(**config), MODEL, X_T, steps)
+    got = sample(DPMSolverV3Scheduler(degenerated=True, solver_order=1, use_corrector=False, **config), MODEL, X_T,
+                 steps)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_degenerated_order_2_without_corrector_is_dpm_solver_pp_2m_in_taylor_form(steps):
+    """The Vandermonde order-2 predictor integrates the linear Taylor term exactly: DPM-Solver++(2M) "heun",
+    not the (default) "midpoint" form, which differs at O(h^3) per step."""
+    v3 = sample(DPMSolverV3Scheduler(degenerated=True, solver_order=2, use_corrector=False), MODEL, X_T, steps)
+    heun = sample(DPMSolverPlusPlusScheduler(solver_order=2, solver_type="heun"), MODEL, X_T, steps)
+    midpoint = sample(DPMSolverPlusPlusScheduler(solver_order=2, solver_type="midpoint"), MODEL, X_T, steps)
+    torch.testing.assert_close(v3, heun, rtol=0, atol=1e-12)
+    assert (v3 - midpoint).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_degenerated_order_3_is_dpm_solver_pp_3m_with_taylor_weights(lower_order_final):
+    v3 = DPMSolverV3Scheduler(degenerated=True, solver_order=3, use_corrector=False,
+                              lower_order_final=lower_order_final)
+    pp = DPMSolverPlusPlusScheduler(solver_order=3, solver_type="heun", third_order_form="taylor",
+                                    lower_order_final=lower_order_final)
+    torch.testing.assert_close(sample(v3, MODEL, X_T, 12), sample(pp, MODEL, X_T, 12), rtol=0, atol=1e-12)
+
+
+def test_degenerate_ems_file_reproduces_the_exact_integrals_up_to_the_trapezoid_rule(tmp_path):
+    EMS.degenerate((), scheduler_config={}, num_points=3200).save(tmp_path)
+    kw = {"solver_order": 3, "use_lu_lambdas": True}
+    trapezoid = sample(DPMSolverV3Scheduler(ems_path=str(tmp_path), **kw), MODEL, X_T, 11)
+    exact = sample(DPMSolverV3Scheduler(ems_path=str(tmp_path), degenerated=True, **kw), MODEL, X_T, 11)
+    err = (trapezoid - exact).abs().max().item()
+    assert 0 < err < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ EMS
+def test_digits_ems_shapes_round_trip_and_analytic_limits(digits_ems):
+    out, ems = digits_ems
+    assert ems.l.shape == ems.s.shape == ems.b.shape == (41, 1, 8, 8) and ems.lambdas.shape == (41,)
+    assert all(torch.isfinite(a).all() for a in (ems.l, ems.s, ems.b))
+    lam_T, lam_0 = schedule_lambda_range(load_model("reference:digits").scheduler_config)
+    assert math.isclose(ems.lambda_T, lam_T) and math.isclose(ems.lambda_0, lam_0)
+    again = load_ems(out)
+    for name in ("l", "s", "b", "lambdas"):
+        assert torch.equal(getattr(again, name), getattr(ems, name))
+    header = json.loads((out / "ems.json").read_text())
+    assert header["model"] == "reference:digits" and header["num_points"] == 40 and header["num_datapoints"] == 64
+    assert header["sample_shape"] == [1, 8, 8] and header["guidance"] == 1.0 and header["schedule"]["beta_end"] == 0.02
+    # Gaussian mixture (component std s0 = 0.3): sigma d eps/dx = sigma^2/v (I - a^2/v Cov_w(y)), v = a^2 s0^2 +
+    # sigma^2. At the noisiest point a^2 ~ 4e-5, so l ~ 1; at the cleanest the posterior sits on one component
+    # (Cov_w = 0), so l = sigma^2 / v exactly, whatever the probes.
+    alpha_T, sigma_T = (1 + math.exp(-2 * lam_T)) ** -0.5, (1 + math.exp(2 * lam_T)) ** -0.5
+    assert (ems.l[0] - sigma_T**2 / (alpha_T**2 * 0.09 + sigma_T**2)).abs().max() < 2e-4
+    alpha_0, sigma_0 = (1 + math.exp(-2 * lam_0)) ** -0.5, (1 + math.exp(2 * lam_0)) ** -0.5
+    expected = sigma_0**2 / (alpha_0**2 * 0.09 + sigma_0**2)
+    torch.testing.assert_close(ems.l[-1], torch.full_like(ems.l[-1], expected), rtol=0.02, atol=0)
+    # low noise: f = -sigma^2/v * (posterior component mean) is proportional to e^{-2 lambda}, so s -> -2
+    assert abs(ems.s[-5:].median().item() + 2) < 0.1
+
+
+def reference_eps(differentiable: bool):
+    sched = MODEL.schedule
+
+    def eps_fn(x, t):
+        if not differentiable:
+            t = t.detach()
+        alpha, sigma = sched.alpha_sigma(t)
+        return MODEL.denoiser.posterior(x, alpha, sigma)[1]
+
+    return eps_fn
+
+
+def test_time_derivative_by_jvp_and_by_finite_differences_agree():
+    x0 = MODEL.denoiser.data[:16] + 0.3 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1),
+                                                      dtype=torch.float64)
+    kw = {"progress": False, "batch_size": 16}
+    by_jvp = compute_ems(reference_eps(True), x0, {}, 8, **kw)
+    auto = compute_ems(reference_eps(False), x0, {}, 8, **kw)  # t detached: detected, central differences
+    assert by_jvp.meta["time_derivative"] == "jvp" and auto.meta["time_derivative"] == "fd"
+    torch.testing.assert_close(auto.l, by_jvp.l, rtol=0, atol=0)
+    torch.testing.assert_close(auto.s, by_jvp.s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(auto.b, by_jvp.b, rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_computation_resumes_to_the_same_result(tmp_path):
+    x0 = MODEL.denoiser.data[:8].clone()
+    kw = {"progress": False, "chunk_points": 2, "batch_size": 4}
+    full = compute_ems(reference_eps(True), x0, {}, 6, **kw)
+    calls = {"n": 0}
+
+    def flaky(x, t):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt
+        return reference_eps(True)(x, t)
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_ems(flaky, x0, {}, 6, out=tmp_path, **kw)
+    assert (tmp_path / "ems.partial.safetensors").is_file() and not (tmp_path / "ems.safetensors").exists()
+    resumed = compute_ems(reference_eps(True), x0, {}, 6, out=tmp_path, **kw)
+    assert not (tmp_path / "ems.partial.safetensors").exists()
+    for name in ("l", "s", "b"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(full, name), rtol=0, atol=1e-13)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        compute_ems(flaky, x0, {}, 6, out=tmp_path / "other", **kw)
+    with pytest.raises(ValueError, match="different settings"):
+        compute_ems(reference_eps(True), x0, {}, 6, out=tmp_path / "other", **kw, seed=1)
+
+
+# ------------------------------------------------------------------------------------------------ convergence
+@functools.lru_cache
+def exact(sigma_start: float, sigma_end: float) -> torch.Tensor:
+    return solve_reference(MODEL, X_T, sigma_start, sigma_end)
+
+
+def rms_error_at_sigma_min(sched, steps: int, exact_start: int = 0) -> tuple[int, float]:
+    sched.set_timesteps(steps)
+    sig = sched.sigmas.double().tolist()
+    end = len(sig) - 2
+    x = X_T
+    for k, t in enumerate(sched.timesteps[:end]):
+        lvl = sched.noise_levels[k]
+        x = sched.step(MODEL.denoiser.posterior(x, lvl.alpha, lvl.sigma)[1], t, x).prev_sample
+        if k + 1 < exact_start:
+            x = exact(sig[0], sig[k + 1])
+    return end, math.sqrt(torch.mean((x - exact(sig[0], sig[end])) ** 2).item())
+
+
+def observed_order(make, steps_list, exact_start: int = 0) -> float:
+    nfe, err = zip(*(rms_error_at_sigma_min(make(), n, exact_start) for n in steps_list), strict=True)
+    assert all(e > 1e-5 for e in err), f"errors {err} approach the trapezoid bias; use fewer steps"
+    return -np.polyfit(np.log(nfe), np.log(err), 1)[0]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, steps, exact_start, low, high",
+    [
+        ("order 1", {"solver_order": 1, "use_corrector": False}, (41, 81, 161), 0, 0.7, 1.3),
+        ("order 2", {"solver_order": 2, "use_corrector": False}, (41, 81, 161), 0, 1.7, 2.4),
+        # from exact starting values: the order-1 warm-up step is O(h^2) locally where l != 1
+        ("order 3", {"solver_order": 3, "use_corrector": False}, (41, 81, 161), 3, 2.7, 3.6),
+        ("order 1 + corrector", {"solver_order": 1}, (41, 81, 161), 0, 1.7, 2.4),
+        # the pseudo-order corrector's first derivative is a divided difference (error O(h)): global order 2
+        ("order 3 + pseudo corrector", {"solver_order": 3}, (41, 81, 161), 3, 1.7, 2.4),
+    ],
+)
+def test_convergence_order_with_smooth_statistics(synthetic_ems, name, kwargs, steps, exact_start, low, high):
+    make = lambda: DPMSolverV3Scheduler(ems_path=str(synthetic_ems), **kwargs, **LU)  # noqa: E731
+    slope = observed_order(make, steps, exact_start)
+    assert low <= slope <= high, f"{name}: observed order {slope:.2f} not in [{low}, {high}]"
+
+
+def test_estimated_digits_ems_samples_accurately(digits_ems):
+    out, _ = digits_ems
+    sig0 = float(make_scheduler("dpm-solver++").sigmas.max())
+    errors = {}
+    for steps in (10, 30):
+        sched = DPMSolverV3Scheduler(ems_path=str(out), use_lu_lambdas=True)
+        x = sample(sched, MODEL, X_T, steps)
+        errors[steps] = torch.mean((x - exact(float(sched.sigmas[0]), 0.0)) ** 2).item()
+    assert sig0 > 0 and errors[30] < errors[10] / 4, errors
+
+
+# ------------------------------------------------------------------------------------------------ corrector
+def test_half_corrector_only_corrects_where_t_is_at_most_one_half():
+    plain = list(trajectory(DPMSolverV3Scheduler(degenerated=True, use_corrector=False), MODEL, X_T, 10))
+    sched = DPMSolverV3Scheduler(degenerated=True, half_corrector=True)
+    half = list(trajectory(sched, MODEL, X_T, 10))
+    first = next(i for i, t in enumerate(sched.timesteps) if float(t) <= 500)  # the first corrected point
+    for i in range(first):  # x after step i depends on corrections at points <= i only
+        torch.testing.assert_close(half[i], plain[i], rtol=0, atol=0)
+    assert (half[first] - plain[first]).abs().max() > 1e-6
+
+
+def test_ems_used_at_another_guidance_falls_back_to_the_degenerated_statistics(digits_ems):
+    path = str(digits_ems[0])
+    same = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=1.0), MODEL, X_T, 8)
+    assert torch.equal(same, sample(DPMSolverV3Scheduler(ems_path=path), MODEL, X_T, 8))
+    other = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5), MODEL, X_T, 8)
+    assert torch.equal(other, sample(DPMSolverV3Scheduler(ems_path=path, degenerated=True), MODEL, X_T, 8))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_missing_ems_file_says_how_to_compute_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="diffalign ems compute"):
+        DPMSolverV3Scheduler(ems_path=str(tmp_path / "nowhere"))
+
+
+def test_ems_for_another_sample_shape_is_rejected_in_step(digits_ems):
+    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]))
+    sched.set_timesteps(5)
+    x = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"EMS .* shape \(1, 8, 8\).*\(4, 8, 8\)"):
+        sched.step(x, sched.timesteps[0], x)
+
+
+def test_ems_for_another_noise_schedule_is_rejected(digits_ems):
+    with pytest.raises(ValueError, match="another noise schedule.*beta_schedule"):
+        DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), beta_schedule="scaled_linear", beta_start=0.00085,
+                             beta_end=0.012)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_fewer_than_one_model_evaluation_is_rejected(bad):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+        DPMSolverV3Scheduler(degenerated=True).set_timesteps(bad)
+
+
+def test_non_finite_statistics_are_rejected(tmp_path, digits_ems):
+    ems = load_ems(digits_ems[0])
+    s = ems.s.clone()
+    s[7, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in s at grid points \\[7\\]"):
+        EMS(ems.l, s, ems.b, ems.lambdas, {})
+    from safetensors.torch import save_file
+
+    save_file({"l": ems.l, "s": s, "b": ems.b.clone(), "lambdas": ems.lambdas}, str(tmp_path / "ems.safetensors"))
+    with pytest.raises(ValueError, match="non-finite"):
+        DPMSolverV3Scheduler(ems_path=str(tmp_path))
+
+
+def test_grid_finer_than_the_ems_grid_is_rejected(digits_ems):
+    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), use_lu_lambdas=True)
+    with pytest.raises(ValueError, match="snap to only .* EMS grid \\(N=40\\)"):
+        sched.set_timesteps(60)
+
+
+# ------------------------------------------------------------------------------------------------ API
+def test_registered_and_usable_without_ems():
+    assert SAMPLERS["dpm-solver-v3"] is DPMSolverV3Scheduler
+    x = sample(make_scheduler("dpm-solver-v3"), MODEL, X_T, 6)
+    assert torch.isfinite(x).all()
+
+
+def test_snapped_grid_is_what_pipelines_see(digits_ems):
+    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]))
+    sched.set_timesteps(8)
+    ems = load_ems(digits_ems[0])
+    lams = [lvl.lambda_ for lvl in sched.noise_levels[:-1]]
+    on_grid = [(lam - ems.lambda_T) / (ems.lambda_0 - ems.lambda_T) * 40 for lam in lams]
+    assert all(abs(p - round(p)) < 1e-9 for p in on_grid)
+    torch.testing.assert_close(sched.sigmas[:-1].double(), torch.tensor([math.exp(-lam) for lam in lams],
+                                                                        dtype=torch.float64), rtol=1e-6, atol=0)
+    assert sched.sigmas[-1] == 0 and len(sched.timesteps) == 8 and sched.timesteps[0] == 999
+
+
+def test_save_config_from_pretrained_round_trip(tmp_path, digits_ems):
+    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), solver_order=3, half_corrector=True,
+                                 use_lu_lambdas=True)
+    sched.save_config(tmp_path)
+    again = DPMSolverV3Scheduler.from_pretrained(tmp_path)
+    assert again.config.ems_path == str(digits_ems[0]) and again.config.solver_order == 3
+    torch.testing.assert_close(sample(again, MODEL, X_T, 10), sample(sched, MODEL, X_T, 10), rtol=0, atol=0)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+
+
+def test_works_in_ddpm_pipeline_degenerated_and_with_ems_of_the_unet(tmp_path):
+    unet = tiny_unet()
+    pipe = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    # EMS of the UNet itself (JVPs through attention and group norm; float32, time derivative by AD)
+    data = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ems = compute_ems(lambda x, t: unet(x, t).sample, data, pipe.scheduler.config, 20, out=tmp_path, progress=False)
+    assert ems.meta["time_derivative"] == "jvp"
+    for extra in ({"degenerated": True}, {"ems_path": str(tmp_path)}):
+        pipe.scheduler = DPMSolverV3Scheduler.from_config(pipe.scheduler.config, **extra)
+        images = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+        assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_cli_ems_compute(tmp_path, capsys):
+    out = tmp_path / "ems"
+    code = main(["ems", "compute", "--model", "reference:digits", "--num-datapoints", "8", "--grid", "6", "--out",
+                 str(out), "--seed", "3", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "N=6" in capsys.readouterr().out
+    header = json.loads((out / "ems.json").read_text())
+    assert header["model"] == "reference:digits" and header["seed"] == 3 and header["datapoints"] == "data"
+    assert load_ems(out).l.shape == (7, 1, 8, 8)
+    code = main(["ems", "compute", "--model", "reference:digits", "--num-datapoints", "8", "--grid", "6", "--out",
+                 str(tmp_path / "g"), "--guidance", "3", "--datapoints", "samples", "--quiet"])
+    assert code == 0 and json.loads((tmp_path / "g" / "ems.json").read_text())["guidance"] == 3.0
