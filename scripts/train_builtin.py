@@ -1,7 +1,7 @@
 """Train the shipped models (``builtin:digits``, ``builtin:fashion``) reproducibly from a seed and a config.
 
     python scripts/train_builtin.py --model digits --what all
-    python scripts/train_builtin.py --model fashion --what unet --steps 5000 --resume   # continue after a stop
+    python scripts/train_builtin.py --model fashion --what unet --resume   # continue after an interruption
 
 Stages (``--what``): ``classifier`` (the small CNN used for FID features and as a reward), ``unet`` (the
 class-conditional diffusion UNet: AdamW with linear warm-up and cosine decay, EMA, class dropout to the null
@@ -23,10 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: no collapse on a shared CPU
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,6 +60,7 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     tmp = path.with_suffix(".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+    os.chmod(path, 0o644)
 
 
 def _write_json(obj, path: Path) -> None:
@@ -93,6 +96,8 @@ def lr_at(step: int, total: int, warmup: int, base: float, final_frac: float = 0
 
 def ema_decay_at(step: int, target: float) -> float:
     """Running mean until the EMA window ``1 / (1 - target)`` is reached, then ``target``.
+
+    Choose ``target`` so that the window is a small fraction of the run (the early iterates must decay away).
 
     (Rules such as ``min(target, (1 + s) / (10 + s))`` never reach ``target`` on short runs, so every short run
     would average with the same, too-short window.)
@@ -133,7 +138,8 @@ def train_classifier(args, spec, out: Path) -> dict:
             opt.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
     bar.close()
     model.eval()
     acc = classify_accuracy(model, xt, yt, args.device)
@@ -190,7 +196,9 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
     warmup = min(d["warmup"], max(1, steps // 10))
     ema_target = args.ema_decay or d["ema_decay"]
     p_drop = d["class_dropout"]
+    gamma = d["min_snr_gamma"]
     every = args.checkpoint_every or d["checkpoint_every"]
+    stop = min(args.stop_at or steps, steps)
 
     x, y = _subset(*load_builtin_data(spec.name, "train"), args.subset)
     torch.manual_seed(args.seed)
@@ -204,11 +212,20 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, ckpt_json = work / "unet_checkpoint.safetensors", work / "unet_checkpoint.json"
     start, losses, elapsed = 0, [], 0.0
+    schedule = [{"from_step": 0, "steps": steps}]  # cosine schedules used, in order (see --allow-schedule-change)
+    config = {"batch_size": bs, "lr": base_lr, "seed": args.seed, "subset": args.subset, "unet": spec.unet_config}
     if args.resume and ckpt.is_file():
         meta = json.loads(ckpt_json.read_text())
-        if meta["config"] != {"steps": steps, "batch_size": bs, "lr": base_lr, "seed": args.seed,
-                              "subset": args.subset, "unet": spec.unet_config}:
+        old = dict(meta["config"])
+        old_steps = old.pop("steps")
+        if old != config:
             raise SystemExit(f"checkpoint {ckpt} was made with another config: {meta['config']}")
+        schedule = meta.get("schedule", [{"from_step": 0, "steps": old_steps}])
+        if old_steps != steps:
+            if not args.allow_schedule_change:
+                raise SystemExit(f"checkpoint {ckpt} follows a {old_steps}-step schedule; pass --steps {old_steps} "
+                                 "(or --allow-schedule-change to continue under a new cosine length)")
+            schedule = [*schedule, {"from_step": meta["step"], "steps": steps}]
         tensors = load_file(str(ckpt))
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -223,14 +240,13 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         tensors.update(_opt_state_tensors(opt))
         _save_atomic(tensors, ckpt)
-        _write_json({"step": step, "losses": losses, "seconds": elapsed,
-                     "config": {"steps": steps, "batch_size": bs, "lr": base_lr, "seed": args.seed,
-                                "subset": args.subset, "unet": spec.unet_config}}, ckpt_json)
+        _write_json({"step": step, "losses": losses, "seconds": elapsed, "schedule": schedule,
+                     "config": {"steps": steps, **config}}, ckpt_json)
 
     print(f"unet[{spec.name}]: {nparams / 1e6:.2f} M parameters, {len(x)} images, steps {steps}, batch {bs}, "
           f"lr {base_lr}, EMA {ema_target}, class dropout {p_drop}, seed {args.seed}", flush=True)
     unet.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"unet[{spec.name}]", mininterval=10)
+    bar = tqdm(range(start, stop), initial=start, total=stop, desc=f"unet[{spec.name}]", mininterval=10)
     t_last = time.time()
     for step in bar:
         g = _gen(args.seed, 1, step)
@@ -245,7 +261,9 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, warmup, base_lr)
         pred = unet(xt, t.to(args.device), class_labels=labels.to(args.device)).sample
-        loss = F.mse_loss(pred, eps)
+        snr = a / (1 - a)  # Min-SNR-gamma weighting (Hang et al. 2023) for epsilon prediction
+        w = snr.clamp(max=gamma) / snr
+        loss = (w * (pred - eps).pow(2)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -258,12 +276,12 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        if step % 50 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == stop - 1:
             avg = sum(losses[-200:]) / len(losses[-200:])
             bar.set_postfix(loss=f"{avg:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
             if step % 500 == 0:
                 print(f"step {step} loss(avg200) {avg:.4f} {elapsed / (step + 1 - start or 1):.3f} s/step", flush=True)
-        if (step + 1) % every == 0 or step == steps - 1:
+        if (step + 1) % every == 0 or step == stop - 1:
             checkpoint(step + 1)
     bar.close()
 
@@ -274,8 +292,13 @@ def train_unet(args, spec, out: Path, work: Path) -> dict:
     _write_json(dict(ema.config), out / "unet_config.json")
     _write_json(dict(spec.noise_schedule), out / "scheduler_config.json")
     tail = losses[-500:] or [float("nan")]
-    info = {"steps": steps, "batch_size": bs, "lr": base_lr, "warmup": warmup, "schedule": "warm-up + cosine",
+    done = max(start, stop)
+    if done < steps:
+        print(f"stopped at step {done} of the {steps}-step schedule (--stop-at)")
+    info = {"steps": steps, "stopped_at": done, "schedule_history": schedule, "batch_size": bs, "lr": base_lr,
+            "warmup": warmup, "schedule": "warm-up + cosine",
             "optimizer": "AdamW(betas=(0.9, 0.99), wd=0)", "ema_decay": ema_target, "class_dropout": p_drop,
+            "loss": f"Min-SNR-{gamma} weighted epsilon MSE",
             "seed": args.seed, "params": nparams, "train_images": len(x), "final_loss": sum(tail) / len(tail),
             "seconds": round(elapsed, 1), "storage_dtype": str(storage).replace("torch.", ""),
             "grad_clip": 1.0, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -303,6 +326,7 @@ def compute_stats(args, spec, out: Path) -> dict:
     mu, sigma = f.mean(0), torch.cov(f.T)
     _save_atomic({"mu": mu, "sigma": sigma, "num_samples": torch.tensor([len(f)], dtype=torch.int64)},
                  out / "fid_stats.safetensors")
+    _update_training_json(out, {"stats": {"num_samples": len(f), "features": f.shape[1]}})
     print(f"stats: {len(f)} held-out images, {f.shape[1]} features")
     return {"num_samples": len(f)}
 
@@ -373,6 +397,8 @@ def evaluate(args, spec, out: Path) -> dict:
 def _update_training_json(out: Path, update: dict) -> None:
     path = out / "training.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
+    if "eval" not in update:
+        data.pop("eval", None)  # new weights or statistics: the stored evaluation is stale
     data.update(update)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(data, path)
@@ -389,12 +415,33 @@ DATA_TEXT = {
 
 def write_card(args, spec, out: Path) -> str:
     info = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
-    if "eval" not in info or args.what == "card":
+    if "eval" not in info:  # (training or new stats drop a stored evaluation)
         info["eval"] = evaluate(args, spec, out)
     u, c, e = info.get("unet", {}), info.get("classifier", {}), info["eval"]
     sizes = {p.name: p.stat().st_size for p in sorted(out.glob("*.safetensors"))}
     uc = spec.unet_config
     ratio = e["fid"] / e["fid_floor"] if e["fid_floor"] > 0 else float("nan")
+    attention = "mid-block attention" if uc["add_attention"] else "no attention"
+    stopped = u.get("stopped_at", u.get("steps"))
+    stop_flag = f" --stop-at {stopped}" if stopped != u.get("steps") else ""
+    trained = (f"{u.get('steps')} steps" if not stop_flag else
+               f"stopped at step {stopped} of a {u.get('steps')}-step schedule (CPU time budget)")
+    history = u.get("schedule_history") or [{"from_step": 0, "steps": u.get("steps")}]
+    reproduce = ""
+    if len(history) > 1:  # the cosine length was changed on resume (CPU time budget): say so, and how to redo it
+        segments = [f"steps {h['from_step']}-{nxt['from_step']} under a {h['steps']}-step cosine schedule"
+                    for h, nxt in zip(history, history[1:], strict=False)]
+        segments.append(f"steps {history[-1]['from_step']}-{stopped} under a {history[-1]['steps']}-step schedule")
+        trained = f"{stopped} steps ({'; '.join(segments)}; shortened on resume to fit the CPU time budget)"
+        cmds = [f"    python scripts/train_builtin.py --model {spec.name} --what unet --seed {u.get('seed')} "
+                f"--steps {h['steps']} --stop-at {nxt['from_step']} --resume --allow-schedule-change"
+                for h, nxt in zip(history, history[1:], strict=False)]
+        cmds.append(f"    python scripts/train_builtin.py --model {spec.name} --what unet --seed {u.get('seed')} "
+                    f"--steps {history[-1]['steps']}{stop_flag} --resume --allow-schedule-change")
+        reproduce = ("\nThe UNet stage ran as these consecutive commands (the classifier, stats and card stages as "
+                     "`--what classifier`, `--what stats`, `--what card`):\n\n" + "\n".join(cmds) + "\n")
+    unet_mb = sizes.get("unet.safetensors", 0) / 1e6
+    n, fid, ng = e["fid_samples"], e["fid"], e["guided_samples"]
     card = f"""# builtin:{spec.name}
 
 {spec.description}.
@@ -402,8 +449,8 @@ def write_card(args, spec, out: Path) -> str:
 Generated by `scripts/train_builtin.py`; reproduce with
 
     python scripts/train_builtin.py --model {spec.name} --what all --seed {u.get('seed', args.seed)} \\
-        --steps {u.get('steps', '?')} --batch-size {u.get('batch_size', '?')} --lr {u.get('lr', '?')}
-
+        --steps {u.get('steps', '?')} --batch-size {u.get('batch_size', '?')} --lr {u.get('lr', '?')}{stop_flag}
+{reproduce}
 ## Data
 {DATA_TEXT[spec.name]}
 Classes (label index = position; the null class for classifier-free guidance is index {spec.null_label}):
@@ -411,7 +458,7 @@ Classes (label index = position; the null class for classifier-free guidance is 
 
 ## Diffusion model
 - diffusers `UNet2DModel`, {u.get('params', 0) / 1e6:.2f} M parameters: channels {tuple(uc['block_out_channels'])},
-  {uc['layers_per_block']} ResNet layer(s) per block, {'mid-block attention' if uc['add_attention'] else 'no attention'},
+  {uc['layers_per_block']} ResNet layer(s) per block, {attention},
   GroupNorm({uc['norm_num_groups']}), class embedding of {uc['num_class_embeds']} entries ({spec.num_classes} classes
   + null).
 - Epsilon prediction; noise schedule {json.dumps(spec.noise_schedule)}.
@@ -420,13 +467,13 @@ Classes (label index = position; the null class for classifier-free guidance is 
   is clipped. The linear schedule ends at `alphas_cumprod[999]` ~ 4.0e-5 (alpha_T ~ 6.4e-3), which keeps the first
   step bounded with no thresholding, is the schedule of the `reference:digits` closed-form model (so samplers are
   compared on the same ODE), and is DDPM's well-tested choice for 32x32 pixel models.
-- Training: {u.get('steps')} steps, batch {u.get('batch_size')}, {u.get('optimizer')}, peak lr {u.get('lr')},
+- Training: {trained}, batch {u.get('batch_size')}, {u.get('optimizer')}, peak lr {u.get('lr')},
   {u.get('warmup')} warm-up steps then cosine decay to 5 %, gradient clipping {u.get('grad_clip')},
-  class dropout to the null label {u.get('class_dropout')}, EMA decay {u.get('ema_decay')} (running mean until the
-  window is reached), seed {u.get('seed')}, fp32, {u.get('threads')} CPU threads, {u.get('seconds')} s wall time
-  (torch {u.get('torch')}).
+  {u.get('loss')}, class dropout to the null label {u.get('class_dropout')}, EMA decay {u.get('ema_decay')}
+  (running mean until the window is reached), seed {u.get('seed')}, fp32, {u.get('threads')} CPU threads,
+  {u.get('seconds')} s wall time (torch {u.get('torch')}, on a shared CPU).
   Final training loss (mean of the last 500 steps): {u.get('final_loss', float('nan')):.4f}.
-- Stored weights: the EMA weights, as {u.get('storage_dtype', '?')} (`unet.safetensors`, {sizes.get('unet.safetensors', 0) / 1e6:.2f} MB);
+- Stored weights: the EMA weights, as {u.get('storage_dtype', '?')} (`unet.safetensors`, {unet_mb:.2f} MB);
   loaded into float32.
 
 ## Classifier (FID features and prompt-following reward)
@@ -439,14 +486,15 @@ Classes (label index = position; the null class for classifier-free guidance is 
 ## Measured quality (these weights, as stored)
 | metric | value |
 |---|---|
-| FID (classifier features), {e['fid_samples']} samples, {e['sampler']}, guidance 1, classes balanced, vs held-out | **{e['fid']:.3f}** |
+| FID (classifier features), {n} samples, {e['sampler']}, guidance 1, classes balanced, vs held-out | **{fid:.3f}** |
 | FID floor: {e['fid_samples']} real training images vs held-out | {e['fid_floor']:.3f} |
 | ratio FID / floor | {ratio:.2f} |
 | classifier accuracy on guidance-1 samples (prompted class) | {e['accuracy_g1']:.3f} |
-| classifier accuracy on guidance-4 samples (prompted class, {e['guided_samples']} images) | **{e['accuracy_g4']:.3f}** |
+| classifier accuracy on guidance-4 samples (prompted class, {ng} images) | **{e['accuracy_g4']:.3f}** |
 
 FID here uses the shipped classifier's features, not Inception: it is comparable only between models of this card's
-data set, never with published FID numbers. Chance accuracy is {1 / spec.num_classes:.2f}.
+data set, never with published FID numbers. The floor is itself a {n}-sample estimate, so values of the order of the
+floor (or slightly below it) are within sampling noise. Chance accuracy is {1 / spec.num_classes:.2f}.
 
 ## Files
 {chr(10).join(f'- `{k}` ({v / 1e3:.0f} kB)' for k, v in sizes.items())}
@@ -469,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="weights directory (default: the package's weights/<model>/)")
     p.add_argument("--work-dir", default=None, help="checkpoints (default: out/train_builtin/<model>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --work-dir")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: continue a checkpoint under a different --steps (cosine length); recorded")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end UNet training at this step of the --steps schedule (export the EMA weights there)")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
@@ -495,8 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("stats", "all"):
         compute_stats(args, spec, out)
     if args.what in ("card", "all"):
-        if args.what == "all":
-            _update_training_json(out, {"eval": evaluate(args, spec, out)})
         write_card(args, spec, out)
     print(f"total {time.time() - t0:.1f} s")
     return 0

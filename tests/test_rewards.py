@@ -114,3 +114,19 @@ def test_bad_input_gets_a_clear_error(images, prompts, match):
 def test_unknown_reward_lists_the_available_ones():
     with pytest.raises(ValueError, match="jpeg_compressibility"):
         get_reward("aesthetics-v9")
+
+
+def test_prompt_following_reward_is_high_for_the_true_class_and_low_otherwise():
+    from diffalign.models.builtin import load_builtin_data
+
+    images, labels = load_builtin_data("digits", split="test")
+    images, labels = (images[:40] + 1) / 2, labels[:40]
+    reward = get_reward("prompt_following", model="builtin:digits")
+    right, info = reward(images, [str(int(k)) for k in labels])
+    wrong, _ = reward(images, [str((int(k) + 3) % 10) for k in labels])
+    assert right.mean() > 0.8 and wrong.mean() < 0.1
+    assert (info["predicted"] == labels).float().mean() > 0.9
+    confidence, _ = get_reward("classifier_confidence", model="builtin:digits")(images, [""] * 40)
+    assert (confidence >= right - 1e-6).all()
+    with pytest.raises(ValueError, match="names no class"):
+        reward(images[:1], ["giraffe"])

@@ -111,10 +111,11 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         class_names=DIGIT_LABELS,
         aliases=DIGIT_ALIASES,
         image_size=8,
-        unet_config=_unet_config(8, (64, 128), 2, True, 16),
+        unet_config=_unet_config(8, (32, 64), 1, True, 8),
         classifier_config={"in_channels": 1, "num_classes": 10, "width": 32, "feature_dim": 64, "image_size": 8},
-        train_defaults={"steps": 4000, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.999,
-                        "class_dropout": 0.12, "classifier_epochs": 30, "checkpoint_every": 500},
+        train_defaults={"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup": 200, "ema_decay": 0.995,
+                        "class_dropout": 0.12, "min_snr_gamma": 5.0, "classifier_epochs": 30,
+                        "checkpoint_every": 500},
     ),
     "fashion": BuiltinSpec(
         name="fashion",
@@ -123,9 +124,10 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
         aliases=FASHION_ALIASES,
         image_size=32,
         unet_config=_unet_config(32, (32, 64, 128), 1, False, 8),
-        classifier_config={"in_channels": 1, "num_classes": 10, "width": 32, "feature_dim": 128, "image_size": 32},
-        train_defaults={"steps": 5000, "batch_size": 64, "lr": 1e-3, "warmup": 250, "ema_decay": 0.999,
-                        "class_dropout": 0.12, "classifier_epochs": 4, "checkpoint_every": 250},
+        classifier_config={"in_channels": 1, "num_classes": 10, "width": 16, "feature_dim": 128, "image_size": 32},
+        train_defaults={"steps": 2200, "batch_size": 64, "lr": 2e-3, "warmup": 200, "ema_decay": 0.997,
+                        "class_dropout": 0.12, "min_snr_gamma": 5.0, "classifier_epochs": 3,
+                        "checkpoint_every": 200},
     ),
 }
 
@@ -341,8 +343,10 @@ def load_builtin_unet(name: str, directory: str | Path | None = None, dtype: tor
     config = _read_json(_require(d / "unet_config.json", spec.name, "unet"))
     state = _load_safetensors(_require(d / "unet.safetensors", spec.name, "unet"))
     unet = UNet2DModel.from_config(config)
-    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    return unet.to(dtype).eval().requires_grad_(False)
+    unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    if dtype != torch.float32:
+        unet = unet.to(dtype)
+    return unet.eval().requires_grad_(False)
 
 
 def load_builtin_scheduler_config(name: str) -> dict:
