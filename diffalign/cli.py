@@ -11,13 +11,20 @@ import torch
 
 
 def _sample(args) -> None:
-    from .models.registry import load_model
-    from .sampling import sample_images, save_grid
+    from .models.registry import MODELS, load_model
+    from .sampling import pipeline_images, sample_images, save_grid
 
-    named = load_model(args.model, device=args.device)
-    label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
-    images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
-                           device=args.device, progress=not args.quiet)
+    if args.model in MODELS:
+        named = load_model(args.model, device=args.device)
+        label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
+        images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
+                               device=args.device, progress=not args.quiet)
+    else:  # a local diffusers directory or a hub id
+        from . import load_pipeline
+
+        pipe = load_pipeline(args.model, device=args.device)
+        images = pipeline_images(pipe, args.sampler, args.steps, args.num_images, args.prompt, args.guidance,
+                                 args.seed, progress=not args.quiet)
     save_grid(images, args.out, title=f"{args.model} | {args.sampler} {args.steps} steps | g={args.guidance}")
     meta = [{"index": i, "seed": args.seed, "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
              "prompt": args.prompt} for i in range(len(images))]
@@ -78,6 +85,47 @@ def _ems_compute(args) -> None:
                             batch_size=args.batch_size, progress=not args.quiet)
     print(f"EMS for {args.model} (shape {list(ems.sample_shape)}, N={ems.num_points}, K={args.num_datapoints}, "
           f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s; wrote {args.out}")
+
+
+def _eval_fid(args) -> None:
+    from .eval.fid import FID, fid_of_model, get_features, load_image_folder
+    from .models.registry import load_model
+
+    features_name = args.features or (f"classifier:{args.model}" if args.model and args.model.startswith("builtin:")
+                                      else None)
+    if features_name is None:
+        raise ValueError("pass --features (e.g. classifier:builtin:fashion or inception).")
+    features = get_features(features_name)
+    stats = args.stats
+    if stats is None and features_name.startswith("classifier:builtin:"):
+        from .models.builtin import weights_dir
+
+        stats = weights_dir(features_name.split(":", 1)[1]) / "fid_stats.safetensors"
+    if stats is None:
+        raise ValueError("pass --stats (reference statistics from `diffalign eval fid-stats`).")
+    if args.images:
+        fid = FID(features, device=args.device)
+        fid.load_reference(stats)
+        fid.add(load_image_folder(args.images, args.num_images))
+        result = {"fid": fid.compute(), "images": args.images}
+    else:
+        named = load_model(args.model, device=args.device)
+        result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,
+                              args.seed, device=args.device, progress=not args.quiet)
+        result["model"] = args.model
+    result.update(features=features_name, reference=str(stats))
+    print(f"FID {result['fid']:.4f} ({features_name} features, reference {stats})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _eval_fid_stats(args) -> None:
+    from .eval.fid import feature_stats, get_features, load_image_folder, save_stats
+
+    images = load_image_folder(args.images, args.num_images)
+    stats = feature_stats(get_features(args.features), images.split(256))
+    save_stats(stats, args.out)
+    print(f"wrote {args.out} ({int(stats['num_samples'])} images, {stats['mean'].numel()} features)")
 
 
 def _models(args) -> None:
@@ -149,11 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--seed", type=int, default=0)
     ec.set_defaults(func=_ems_compute)
 
+    ev = sub.add_parser("eval", help="evaluation (FID)")
+    evsub = ev.add_subparsers(dest="what", required=True)
+    ef = evsub.add_parser("fid", help="FID of a model+sampler (or an image folder) against reference statistics")
+    ef.add_argument("--model", default=None, help="e.g. builtin:fashion")
+    ef.add_argument("--sampler", default="dpm-solver++")
+    ef.add_argument("--steps", type=int, default=20)
+    ef.add_argument("--guidance", type=float, default=1.0)
+    ef.add_argument("--num-images", type=int, default=1000)
+    ef.add_argument("--seed", type=int, default=0)
+    ef.add_argument("--images", default=None, help="a folder of images instead of --model")
+    ef.add_argument("--features", default=None, help="classifier:builtin:<model> (default for built-ins) or inception")
+    ef.add_argument("--stats", default=None, help="reference statistics (default: the built-in model's)")
+    ef.add_argument("--json", default=None)
+    ef.set_defaults(func=_eval_fid)
+    es = evsub.add_parser("fid-stats", help="reference statistics of a folder of images")
+    es.add_argument("--images", required=True)
+    es.add_argument("--features", required=True)
+    es.add_argument("--num-images", type=int, default=None)
+    es.add_argument("--out", required=True)
+    es.set_defaults(func=_eval_fid_stats)
+
     m = sub.add_parser("models", help="list the available models")
     m.add_argument("action", choices=["list"])
     m.set_defaults(func=_models)
 
-    for sp in (s, bs, cd, cc, ec, m):
+    for sp in (s, bs, cd, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

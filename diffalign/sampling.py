@@ -50,3 +50,28 @@ def save_grid(images: torch.Tensor, path: str, title: str = "", scale: int | Non
         grid = canvas
     grid.save(path)
     return grid
+
+
+def pipeline_images(pipe, sampler: str, steps: int, num_images: int, prompt: str | None = None, guidance: float = 1.0,
+                    seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """Images in [0, 1] from any diffusers pipeline with the sampler swapped in (only the arguments its
+    ``__call__`` accepts are passed: prompt, guidance_scale, batch size)."""
+    import inspect
+
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=not progress)
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
+    if "prompt" in accepted and prompt is not None:
+        kwargs["prompt"] = [prompt] * num_images
+    elif "batch_size" in accepted:
+        kwargs["batch_size"] = num_images
+    elif "num_images_per_prompt" in accepted:
+        kwargs["num_images_per_prompt"] = num_images
+    if "guidance_scale" in accepted:
+        kwargs["guidance_scale"] = guidance
+    images = pipe(**kwargs).images
+    images = torch.as_tensor(images)
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.permute(0, 3, 1, 2)
+    return images.float().clamp(0, 1).cpu()

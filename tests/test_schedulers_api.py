@@ -180,3 +180,15 @@ def test_flow_matching_timesteps_are_the_exact_model_times():
     sched = make_scheduler("dpm-solver++", use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
     sched.set_timesteps(7)
     torch.testing.assert_close(sched.timesteps, sched.sigmas[:-1] * 1000)
+
+
+@pytest.mark.parametrize("name", ["dpm-solver++", "pndm", "dualfast:unipc"])
+def test_saved_pipeline_with_a_diffalign_scheduler_reloads_with_diffusers(name, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DDPMPipeline(unet=tiny_unet(), scheduler=make_scheduler(name))
+    pipe.save_pretrained(tmp_path)
+    again = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(again.scheduler) is get_scheduler_class(name)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.scheduler.config) == public(pipe.scheduler.config)

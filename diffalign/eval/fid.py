@@ -29,8 +29,7 @@ class Features(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        param = next(self.fn.parameters(), None)  # torchmetrics' set_dtype may have cast the network
-        return self.fn(images.to(param.dtype) if param is not None else images).double().flatten(1)
+        return self.fn(images).double().flatten(1)
 
 
 def inception_features() -> Features:
@@ -64,8 +63,9 @@ class FID:
 
     def __init__(self, features: Features, device: str | torch.device = "cpu"):
         self.features = features
+        # the metric's states are float64; float64 features make its result float64 too (no set_dtype, which
+        # would also cast the feature network)
         self.metric = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False).to(device)
-        self.metric.set_dtype(torch.float64)
         self.device = device
         self._fake: list[torch.Tensor] = []
 
@@ -130,6 +130,7 @@ def load_stats(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"FID statistics file {path} not found; compute it with `diffalign eval fid-stats`.")
     stats = load_file(str(path))
+    stats = {{"mu": "mean", "sigma": "cov"}.get(k, k): v for k, v in stats.items()}  # the model cards' key names
     missing = {"mean", "cov", "num_samples"} - set(stats)
     if missing:
         raise ValueError(f"{path} is not a FID statistics file (missing {sorted(missing)}).")
@@ -143,3 +144,72 @@ def frechet_distance_scipy(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def classifier_features(model: str) -> Features:
+    """Penultimate features of a built-in model's shipped classifier (images resized and converted to grey)."""
+    from ..models.builtin import ClassifierFeatures, builtin_spec, load_builtin_classifier
+
+    spec = builtin_spec(model)
+    inner = ClassifierFeatures(load_builtin_classifier(model))
+
+    class _Resized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            x = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+            if x.shape[-2:] != (spec.image_size, spec.image_size):
+                x = torch.nn.functional.interpolate(x.float(), size=(spec.image_size,) * 2, mode="bilinear",
+                                                    antialias=True, align_corners=False)
+            return inner(x)
+
+    return Features(_Resized(), inner.num_features)
+
+
+def get_features(name: str) -> Features:
+    """``"inception"`` or ``"classifier:<builtin model>"`` (e.g. ``classifier:builtin:fashion``)."""
+    if name == "inception":
+        return inception_features()
+    if name.startswith("classifier:"):
+        return classifier_features(name.split(":", 1)[1])
+    raise ValueError(f"unknown features {name!r}; use 'inception' or 'classifier:builtin:<model>'.")
+
+
+def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Tensor:
+    """All PNG/JPEG images of a folder as one [N, C, H, W] float tensor in [0, 1] (same size required)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:limit]
+    if not files:
+        raise FileNotFoundError(f"no .png/.jpg images in {folder}.")
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"images in {folder} have different sizes; resize them to one size first.")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def fid_of_model(named_model, sampler: str, steps: int, num_images: int, features: Features, stats_path: str | Path,
+                 guidance: float = 1.0, seed: int = 0, batch_size: int = 250, device: str = "cpu",
+                 progress: bool = True) -> dict:
+    """FID of ``num_images`` class-balanced samples of a model against stored reference statistics."""
+    import time
+
+    from ..sampling import sample_images
+
+    fid = FID(features, device=device)
+    fid.load_reference(stats_path)
+    classes = len(named_model.class_names)
+    labels = torch.arange(num_images) % classes
+    t0 = time.perf_counter()
+    for k in range(classes):
+        n_k = int((labels == k).sum())
+        for start in range(0, n_k, batch_size):
+            n = min(batch_size, n_k - start)
+            fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + 1000 * k + start,
+                                  device=device, progress=False))
+        if progress:
+            print(f"  class {k + 1}/{classes} sampled", flush=True)
+    return {"fid": fid.compute(), "num_images": num_images, "sampler": sampler, "steps": steps,
+            "guidance": guidance, "seed": seed, "seconds": time.perf_counter() - t0}

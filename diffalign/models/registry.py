@@ -53,18 +53,29 @@ MODELS.update({
 })
 
 
+def shipped_overrides(name: str) -> dict:
+    """Sampler config pointing at the files shipped for model ``name``: DC-Solver ratios / CPR
+    (``diffalign calibrate``) under ``dc_ratios/<name>/`` and DPM-Solver-v3 statistics (``diffalign ems compute``)
+    under ``ems/<name>/``, with ``:`` in the name written as ``_``."""
+    slug = name.replace(":", "_")
+    overrides: dict = {}
+    dc = {key: str(DC_RATIOS / slug / file) for key, file in (("dc_ratios_path", "ratios.json"),
+                                                              ("cpr_path", "cpr.json"))
+          if (DC_RATIOS / slug / file).is_file()}
+    if dc:
+        overrides["dc-solver"] = dc
+    if (EMS_DIR / slug / "ems.safetensors").is_file():
+        overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
+    return overrides
+
+
 def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:
     """Load a model by name (see :data:`MODELS`)."""
     if name == "reference:digits":
         config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                   "prediction_type": "epsilon"}
         model = digits_reference_model(config).to(device)
-        dc = DC_RATIOS / "reference_digits"  # `diffalign calibrate dc-solver` / `calibrate cpr` (NFE 5-10, g 1, 7.5)
-        overrides = {"dc-solver": {"dc_ratios_path": str(dc / "ratios.json"), "cpr_path": str(dc / "cpr.json")}}
-        ems = EMS_DIR / "reference_digits"  # `diffalign ems compute --model reference:digits` (unguided)
-        if (ems / "ems.safetensors").is_file():
-            overrides["dpm-solver-v3"] = {"ems_path": str(ems)}
-        return NamedModel(name, model, config, DIGIT_NAMES, (1, 8, 8), sampler_overrides=overrides)
+        return NamedModel(name, model, config, DIGIT_NAMES, (1, 8, 8), sampler_overrides=shipped_overrides(name))
     if name.startswith("builtin:"):
         return _load_builtin(name, device)
     raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}.")
@@ -78,5 +89,15 @@ def _load_builtin(name: str, device: str | torch.device) -> NamedModel:
     parts = builtin_named_parts(name, device)  # unknown builtin names raise a ValueError listing the valid ones
     spec = parts["spec"]
     class_names = DIGIT_NAMES if spec.name == "digits" else spec.class_names
+
+    def datapoints(k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """K training images and labels (EMS datapoints, as the DPM-Solver-v3 paper uses the data set)."""
+        from .builtin import load_builtin_data
+
+        images, labels = load_builtin_data(spec.name, split="train")
+        idx = torch.randperm(len(images), generator=generator)[:k]
+        return images[idx].to(device), labels[idx].to(device)
+
     return NamedModel(name, parts["model"], parts["scheduler_config"], class_names, parts["sample_shape"],
-                      dtype=torch.float32, extra={"null_label": spec.null_label, "spec": spec})
+                      dtype=torch.float32, extra={"null_label": spec.null_label, "spec": spec,
+                                                  "datapoints": datapoints}, sampler_overrides=shipped_overrides(name))

@@ -74,3 +74,11 @@ __all__ = [
     "sample",
     "trajectory",
 ]
+
+# Saved pipelines record a component's class as (module, name), and diffusers' loader then looks for its base
+# classes (``SchedulerMixin``) in that module: every sampler is recorded under this package, which has both.
+from diffusers import SchedulerMixin  # noqa: E402, F401
+
+for _cls in SAMPLERS.values():
+    _cls.__module__ = __name__
+    globals()[_cls.__name__] = _cls

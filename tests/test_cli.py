@@ -1,0 +1,80 @@
+"""The command-line contracts of DESIGN.md: sample, bench samplers, eval fid / fid-stats, models list."""
+
+import json
+
+from PIL import Image
+
+from diffalign.cli import main
+
+
+def test_sample_writes_a_png_grid_and_metadata(tmp_path):
+    out, meta = tmp_path / "grid.png", tmp_path / "meta.json"
+    assert main(["sample", "--model", "builtin:digits", "--sampler", "dpm-solver++", "--steps", "8", "--guidance", "4",
+                 "--prompt", "seven", "--num-images", "4", "--seed", "0", "--out", str(out), "--json", str(meta),
+                 "--quiet"]) == 0
+    assert Image.open(out).size[0] > 16
+    records = json.loads(meta.read_text())
+    assert len(records) == 4 and records[0]["sampler"] == "dpm-solver++" and records[0]["prompt"] == "seven"
+
+
+def test_bench_samplers_json_contract_includes_the_diffusers_baselines(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "samplers", "--model", "reference:digits", "--samplers", "ddim,dpm-solver++", "--nfe", "5",
+                 "--num-images", "4", "--json", str(out), "--quiet"]) == 0
+    records = json.loads(out.read_text())
+    assert {r["sampler"] for r in records} >= {"ddim", "dpm-solver++", "diffusers:DPMSolverMultistepScheduler",
+                                               "diffusers:UniPCMultistepScheduler"}
+    assert all(set(r) >= {"sampler", "nfe", "guidance", "mse", "seconds", "step_overhead_us"} for r in records)
+    same = [r["mse"] for r in records if r["sampler"] in ("dpm-solver++", "diffusers:DPMSolverMultistepScheduler")]
+    assert abs(same[0] - same[1]) < 1e-6 * same[1]  # same noise, same method
+
+
+def test_eval_fid_of_a_builtin_model_and_of_an_image_folder(tmp_path, capsys):
+    out = tmp_path / "fid.json"
+    assert main(["eval", "fid", "--model", "builtin:digits", "--steps", "5", "--num-images", "20", "--json", str(out),
+                 "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["fid"] > 0 and result["num_images"] == 20
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(6):
+        Image.new("L", (8, 8), color=40 * k).save(folder / f"{k}.png")
+    stats = tmp_path / "stats.safetensors"
+    assert main(["eval", "fid-stats", "--images", str(folder), "--features", "classifier:builtin:digits",
+                 "--out", str(stats)]) == 0
+    capsys.readouterr()
+    same = tmp_path / "same.json"
+    assert main(["eval", "fid", "--images", str(folder), "--features", "classifier:builtin:digits",
+                 "--stats", str(stats), "--json", str(same)]) == 0
+    assert abs(json.loads(same.read_text())["fid"]) < 1e-4  # against its own statistics (sqrtm of a rank-6 cov)
+
+
+def test_models_list_and_clear_errors(capsys):
+    assert main(["models", "list"]) == 0
+    assert "builtin:fashion" in capsys.readouterr().out
+    assert main(["sample", "--sampler", "dpm-solver-9", "--quiet", "--steps", "3"]) == 2
+    assert "valid names" in capsys.readouterr().err
+    assert main(["sample", "--model", "builtin:cats", "--quiet"]) == 2
+    assert "builtin:digits" in capsys.readouterr().err
+
+
+def test_sample_from_a_local_diffusers_pipeline_directory(tmp_path):
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tmp_path / "pipe"), "--sampler", "unipc", "--steps", "4", "--num-images", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    assert out.exists()
+
+
+def test_sample_from_a_missing_hub_model_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["sample", "--model", "some-org/some-model", "--quiet", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "some-org/some-model" in err and "offline" in err.lower()
