@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from diffusers.configuration_utils import register_to_config
 
-from .base import check_choice, schedule_config
+from .base import schedule_config
 from .exponential import ExponentialIntegratorScheduler
 
 
@@ -49,8 +49,4 @@ class DPMSolverScheduler(ExponentialIntegratorScheduler):
         third_order_form: str = "diffusers",
         **schedule,
     ):
-        check_choice("solver_order", solver_order, (1, 2, 3))
-        check_choice("solver_mode", solver_mode, ("multistep", "singlestep"))
-        check_choice("solver_type", solver_type, ("midpoint", "heun"))
-        check_choice("third_order_form", third_order_form, ("diffusers", "taylor"))
-        self._init_schedule(solver_order)
+        self._init_integrator()

@@ -55,14 +55,10 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         third_order_form: str = "diffusers",
         **schedule,
     ):
-        check_choice("solver_order", solver_order, (1, 2, 3))
-        check_choice("solver_mode", solver_mode, ("multistep", "singlestep"))
-        check_choice("solver_type", solver_type, ("midpoint", "heun"))
-        check_choice("third_order_form", third_order_form, ("diffusers", "taylor"))
         check_choice("algorithm_type", algorithm_type, ("ode", "sde"))
         if algorithm_type == "sde" and solver_mode == "singlestep":
             raise ValueError("algorithm_type='sde' needs solver_mode='multistep'.")
-        self._init_schedule(solver_order)
+        self._init_integrator()
 
     def _needs_noise(self) -> bool:
         return self.config.algorithm_type == "sde"

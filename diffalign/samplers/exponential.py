@@ -24,11 +24,20 @@ import math
 
 import torch
 
-from .base import DiffAlignScheduler, NoiseLevel, SinglestepMixin
+from .base import DiffAlignScheduler, NoiseLevel, SinglestepMixin, check_choice
 
 
 class ExponentialIntegratorScheduler(SinglestepMixin, DiffAlignScheduler):
     """Multistep / singlestep exponential integrator of order 1-3 (base of DPM-Solver and DPM-Solver++)."""
+
+    def _init_integrator(self) -> None:
+        """Check the solver options shared by DPM-Solver and DPM-Solver++, then build the schedule."""
+        c = self.config
+        check_choice("solver_order", c.solver_order, (1, 2, 3))
+        check_choice("solver_mode", c.solver_mode, ("multistep", "singlestep"))
+        check_choice("solver_type", c.solver_type, ("midpoint", "heun"))
+        check_choice("third_order_form", c.third_order_form, ("diffusers", "taylor"))
+        self._init_schedule(c.solver_order)
 
     def _check_num_steps(self, num_inference_steps: int) -> None:
         order = self.config.solver_order
