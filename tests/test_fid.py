@@ -72,3 +72,33 @@ def test_kid_small_sample(digits, features):
     same, _ = kid(features, digits[:300], digits[300:600], subsets=20)
     diff, _ = kid(features, digits[:300], 1 - digits[300:600], subsets=20)
     assert abs(same) < diff
+
+
+def _distributed_worker(rank, world, init_file, real, fake, stats, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten())
+    fid = FID(Features(net, 64))
+    fid.set_reference_stats(stats["mean"], stats["cov"], int(stats["num_samples"]))
+    fid.add(fake[rank::world])  # each process adds its share
+    value = fid.compute()
+    if rank == 0:
+        torch.save(torch.tensor(value), result_file)
+    dist.destroy_process_group()
+
+
+def test_fid_is_the_same_when_images_are_split_across_processes(digits, features, tmp_path):
+    """torch.distributed (what `accelerate launch` sets up): 2 CPU processes, gloo backend."""
+    import torch.multiprocessing as mp
+
+    real, fake = digits[:900], digits[900:]
+    stats = feature_stats(features, [real])
+    single = FID(features)
+    single.set_reference_stats(stats["mean"], stats["cov"], int(stats["num_samples"]))
+    single.add(fake)
+    result = tmp_path / "fid.pt"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), real, fake, stats, str(result)), nprocs=2)
+    assert float(torch.load(result)) == pytest.approx(single.compute(), rel=1e-6)  # float32 features, other batches

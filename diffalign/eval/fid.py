@@ -77,8 +77,14 @@ class FID:
         self.metric.update(images, real=False)
 
     def set_reference_stats(self, mean: torch.Tensor, cov: torch.Tensor, num_samples: int) -> None:
-        """Use precomputed reference statistics (mean [D], covariance [D, D] of N real images' features)."""
+        """Use precomputed reference statistics (mean [D], covariance [D, D] of N real images' features).
+
+        Under torch.distributed (e.g. ``accelerate launch``) only rank 0 holds them: torchmetrics sums the
+        states of all processes when computing.
+        """
         m = self.metric
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
         mean, cov = mean.double().to(m.real_features_sum.device), cov.double().to(m.real_features_sum.device)
         m.real_features_sum = mean * num_samples
         m.real_features_cov_sum = (num_samples - 1) * cov + num_samples * torch.outer(mean, mean)
@@ -89,7 +95,9 @@ class FID:
         self.set_reference_stats(stats["mean"], stats["cov"], int(stats["num_samples"]))
 
     def compute(self) -> float:
-        if int(self.metric.fake_features_num_samples) < 2 or int(self.metric.real_features_num_samples) < 2:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        local = (int(self.metric.fake_features_num_samples), int(self.metric.real_features_num_samples))
+        if not distributed and min(local) < 2:  # (distributed: torchmetrics checks after summing the processes)
             raise ValueError("FID needs at least 2 generated and 2 reference images (use >= 1,000 for stable values).")
         return float(self.metric.compute())
 
