@@ -295,3 +295,20 @@ def test_dualfast_registry_classes_round_trip_and_generic_wrapping(tmp_path):
         dualfast_class(DiffusersDDIM)
     with pytest.raises(ValueError, match="dualfast_schedule"):
         cls(dualfast_schedule="cosine")
+
+
+def test_cpr_does_not_extrapolate_outside_its_calibrated_configurations():
+    import warnings as _warnings
+
+    from diffalign.models.registry import shipped_overrides
+    from diffalign.samplers import make_scheduler as _make
+
+    files = shipped_overrides("reference:digits")["dc-solver"]
+    dc = _make("dc-solver", cpr_path=files["cpr_path"], guidance_scale=7.5)
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        dc.set_timesteps(20)  # calibrated on NFE 5-10 only
+    assert any("does not extrapolate" in str(w.message) for w in caught)
+    assert dc.dc_ratios_list == [1.0] * 20
+    dc.set_timesteps(7)  # inside the fitted range: predicted ratios
+    assert dc.dc_ratios_list[:2] == [1.0, 1.0] and any(r != 1.0 for r in dc.dc_ratios_list)

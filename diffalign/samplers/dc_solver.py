@@ -24,6 +24,7 @@ compensation to the predictor alone (the paper's predictor-only variant).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,6 +135,20 @@ def load_cpr(path: str | Path) -> tuple[np.ndarray, int]:
     return coeffs, fixed
 
 
+def cpr_configs(path: str | Path) -> list[tuple[int, float]]:
+    """The (NFE, guidance) configurations a CPR ``.json`` was fitted on (empty for an official ``.npy``)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return []
+    return [(int(n), float(g)) for n, g in json.loads(path.read_text()).get("configs", [])]
+
+
+def _within(configs: list[tuple[int, float]], nfe: int, guidance: float | None) -> bool:
+    nfes, scales = [n for n, _ in configs], [g for _, g in configs]
+    g = 1.0 if guidance is None else float(guidance)
+    return min(nfes) <= nfe <= max(nfes) and min(scales) - 1e-9 <= g <= max(scales) + 1e-9
+
+
 def cpr_predict(coeffs: np.ndarray, nfe: int, guidance: float, fixed_steps: int = 2) -> list[float]:
     """Ratios for ``nfe`` steps at guidance ``guidance`` from CPR coefficients (the first ``fixed_steps`` are 1)."""
     if nfe <= fixed_steps:
@@ -220,7 +235,16 @@ class DCSolverScheduler(UniPCScheduler):
                 self._check_entry_config(entry)
                 return [float(r) for r in entry["ratios"]]
         coeffs, fixed = load_cpr(c.cpr_path)
-        return cpr_predict(coeffs, c.cpr_nfe or num_steps, c.guidance_scale, fixed)[:num_steps]
+        nfe = c.cpr_nfe or num_steps
+        configs = cpr_configs(c.cpr_path)
+        if configs and not _within(configs, nfe, c.guidance_scale):
+            warnings.warn(f"the CPR in {c.cpr_path!r} was fitted on NFE {min(n for n, _ in configs)}-"
+                          f"{max(n for n, _ in configs)} and guidance {min(g for _, g in configs)}-"
+                          f"{max(g for _, g in configs)}; it does not extrapolate to NFE {nfe}, guidance "
+                          f"{c.guidance_scale}: DC-Solver runs uncompensated (= UniPC). Calibrate this configuration "
+                          "with `diffalign calibrate dc-solver`.", stacklevel=2)
+            return [1.0] * num_steps
+        return cpr_predict(coeffs, nfe, c.guidance_scale, fixed)[:num_steps]
 
     def _check_entry_config(self, entry: dict) -> None:
         saved = entry.get("config") or {}
