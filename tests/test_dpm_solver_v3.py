@@ -251,7 +251,15 @@ def test_ems_used_at_another_guidance_falls_back_to_the_degenerated_statistics(d
     same = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=1.0), MODEL, X_T, 8)
     assert torch.equal(same, sample(DPMSolverV3Scheduler(ems_path=path), MODEL, X_T, 8))
     other = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5), MODEL, X_T, 8)
-    assert torch.equal(other, sample(DPMSolverV3Scheduler(ems_path=path, degenerated=True), MODEL, X_T, 8))
+    fallback = DPMSolverV3Scheduler(ems_path=path, degenerated=True, guidance_scale=7.5)
+    assert torch.equal(other, sample(fallback, MODEL, X_T, 8))
+
+
+def test_corrector_is_off_by_default_at_large_guidance_as_in_the_authors_script(digits_ems):
+    path = str(digits_ems[0])
+    assert DPMSolverV3Scheduler(ems_path=path)._corrector_on()
+    assert not DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5)._corrector_on()
+    assert DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5, use_corrector=True)._corrector_on()
 
 
 # ------------------------------------------------------------------------------------------------ errors

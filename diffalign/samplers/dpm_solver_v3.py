@@ -224,7 +224,9 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             the grid is still snapped to the EMS grid (for ablations on the same grid).
         solver_order: predictor order 1, 2 or 3 (the authors: 3 unconditional, 2 guided).
         predictor_pseudo: pseudo-order predictor (divided differences; the authors use it only at NFE 5).
-        use_corrector: apply the corrector (no extra model evaluation).
+        use_corrector: apply the corrector (no extra model evaluation); ``None`` (default) follows the authors'
+            Stable Diffusion script: on, unless ``guidance_scale`` >= 5 (the corrector destabilises large guidance;
+            on the digits model at guidance 7.5, NFE 5: MSE 1.03 with it, 5.9e-2 without).
         corrector_pseudo: corrector of order predictor + 1 with pseudo-order derivatives (the authors' default);
             otherwise a corrector of the predictor's order with exact derivatives.
         lower_order_final: lower the order of the last steps (diffusers' rule, see the module docstring).
@@ -247,7 +249,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         degenerated: bool = False,
         solver_order: int = 2,
         predictor_pseudo: bool = False,
-        use_corrector: bool = True,
+        use_corrector: bool | None = None,
         corrector_pseudo: bool = True,
         lower_order_final: bool = True,
         half_corrector: bool = False,
@@ -351,7 +353,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         # f = (sigma eps - l x) / alpha = (1 - l) x / alpha - x0  (exactly -x0 for l = 1)
         f = (1.0 - l_i) * sample / lvl.alpha - x0
         x = sample
-        if c.use_corrector and self._prev_x is not None and self._corrector_active(i):
+        if self._corrector_on() and self._prev_x is not None and self._corrector_active(i):
             order = min(self._prev_order + int(c.corrector_pseudo), len(self.model_outputs) + 1)
             if order > 1:
                 points = [i - 1, i] + [i - 1 - k for k in range(1, order - 1)]
@@ -370,6 +372,12 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         x_next = self._v3_step(x, i, i + 1, points, outputs, order, c.predictor_pseudo)
         self._prev_x, self._prev_order = x, order
         return x_next
+
+    def _corrector_on(self) -> bool:
+        c = self.config
+        if c.use_corrector is not None:
+            return bool(c.use_corrector)
+        return c.guidance_scale is None or float(c.guidance_scale) < 5.0
 
     def _corrector_active(self, i: int) -> bool:
         if not self.config.half_corrector:
