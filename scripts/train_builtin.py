@@ -32,6 +32,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffalign.eval.fid import FID, Features  # noqa: E402
 from diffalign.models.builtin import (  # noqa: E402
     BUILTIN_MODELS,
     ClassifierFeatures,
@@ -42,7 +43,6 @@ from diffalign.models.builtin import (  # noqa: E402
     load_builtin_data,
     load_builtin_unet,
     load_fid_stats,
-    set_real_stats,
     weights_dir,
 )
 from diffalign.samplers import make_scheduler  # noqa: E402
@@ -332,14 +332,11 @@ def compute_stats(args, spec, out: Path) -> dict:
 
 
 def _fid(classifier, stats, images01: torch.Tensor, device) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=ClassifierFeatures(classifier), normalize=True,
-                                      reset_real_features=False).to(device)
-    set_real_stats(metric, stats)
+    fid = FID(Features(ClassifierFeatures(classifier), classifier.num_features), device=device)
+    fid.set_reference_stats(stats["mu"], stats["sigma"], int(stats["num_samples"].item()))
     for i in range(0, len(images01), 500):
-        metric.update(images01[i:i + 500].to(device), real=False)
-    return float(metric.compute())
+        fid.add(images01[i:i + 500])
+    return fid.compute()
 
 
 @torch.no_grad()

@@ -128,9 +128,9 @@ def test_classifier_fid_separates_real_from_noise():
 
     x, _ = load_builtin_data("digits", "train")
     real = fid_metric("digits")
-    real.update((x[:300] + 1) / 2, real=False)
+    real.add((x[:300] + 1) / 2)
     noise = fid_metric("digits")
-    noise.update(torch.rand(300, 1, 8, 8), real=False)
+    noise.add(torch.rand(300, 1, 8, 8))
     assert float(real.compute()) * 10 < float(noise.compute())
 
 

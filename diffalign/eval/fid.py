@@ -156,9 +156,9 @@ def frechet_distance_scipy(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
 def classifier_features(model: str) -> Features:
     """Penultimate features of a built-in model's shipped classifier (images resized and converted to grey)."""
-    from ..models.builtin import ClassifierFeatures, builtin_spec, load_builtin_classifier
+    from ..models.builtin import ClassifierFeatures, builtin_spec, classifier_input, load_builtin_classifier
 
-    spec = builtin_spec(model)
+    size = builtin_spec(model).image_size
     inner = ClassifierFeatures(load_builtin_classifier(model))
 
     class _Resized(torch.nn.Module):
@@ -167,11 +167,7 @@ def classifier_features(model: str) -> Features:
             self.inner = inner
 
         def forward(self, images):
-            x = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
-            if x.shape[-2:] != (spec.image_size, spec.image_size):
-                x = torch.nn.functional.interpolate(x.float(), size=(spec.image_size,) * 2, mode="bilinear",
-                                                    antialias=True, align_corners=False)
-            return inner(x)
+            return inner(classifier_input(images, size))
 
     return Features(_Resized(), inner.num_features)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -372,25 +373,25 @@ def load_fid_stats(name: str, directory: str | Path | None = None) -> dict[str, 
     return _load_safetensors(_require(d / "fid_stats.safetensors", spec.name, "stats"))
 
 
+def classifier_input(images: Tensor, image_size: int) -> Tensor:
+    """Images in [0, 1] as the shipped (greyscale) classifiers expect them: channel mean, bilinear resize."""
+    x = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x
+
+
 def fid_metric(name: str, directory: str | Path | None = None, device: str | torch.device = "cpu"):
-    """A torchmetrics ``FrechetInceptionDistance`` on the shipped classifier's features whose real statistics are
-    the stored held-out statistics; ``update(fake_images_in_[0,1], real=False)`` then ``compute()``."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    """A :class:`diffalign.eval.fid.FID` on the shipped classifier's features whose reference is the stored
+    held-out statistics; ``add(fake_images_in_[0,1])`` then ``compute()``."""
+    from ..eval.fid import FID, Features
 
-    feats = ClassifierFeatures(load_builtin_classifier(name, directory))
-    metric = FrechetInceptionDistance(feature=feats, normalize=True, reset_real_features=False).to(device)
-    set_real_stats(metric, load_fid_stats(name, directory))
-    return metric
-
-
-def set_real_stats(metric, stats: dict[str, Tensor]) -> None:
-    """Fill a torchmetrics FID's real-feature sums from a stored mean/covariance."""
-    mu, sigma = stats["mu"].double(), stats["sigma"].double()
-    n = int(stats["num_samples"].item())
-    dev = metric.real_features_sum.device
-    metric.real_features_sum = (n * mu).to(dev)
-    metric.real_features_cov_sum = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(dev)
-    metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=dev)
+    classifier = load_builtin_classifier(name, directory)
+    fid = FID(Features(ClassifierFeatures(classifier), classifier.num_features), device=device)
+    stats = load_fid_stats(name, directory)
+    fid.set_reference_stats(stats["mu"], stats["sigma"], int(stats["num_samples"].item()))
+    return fid
 
 
 def builtin_named_parts(name: str, device: str | torch.device = "cpu") -> dict:

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .registry import register_reward
 
 
 def _classifier_and_labels(model: str):
-    from ..models.builtin import builtin_spec, label_for_prompt, load_builtin_classifier
+    from ..models.builtin import builtin_spec, classifier_input, label_for_prompt, load_builtin_classifier
 
     spec = builtin_spec(model)
     classifier = load_builtin_classifier(model)
     size = spec.image_size
 
     def log_probs(images: torch.Tensor) -> torch.Tensor:
-        clf = classifier.to(images.device)
-        x = images.mean(1, keepdim=True) if images.shape[1] == 3 else images  # the classifiers are greyscale
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return clf(x * 2 - 1).log_softmax(-1)
+        x = classifier_input(images, size)
+        return classifier.to(images.device)(x * 2 - 1).log_softmax(-1)
 
     def labels(prompts, device) -> torch.Tensor:
         return torch.tensor([label_for_prompt(p, spec.class_names, spec.aliases) for p in prompts], device=device)
