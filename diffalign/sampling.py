@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from .samplers import make_scheduler
+from .samplers import make_scheduler, trajectory
 
 
 def sample_images(named_model, sampler: str, steps: int, num_images: int, label: int | None = None,
@@ -22,11 +22,11 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=named_model.dtype).to(device)
     labels = None if label is None else torch.full((num_images,), label, dtype=torch.long, device=device)
-    sched.set_timesteps(steps, device=device)
-    x = x * sched.init_noise_sigma
-    for t in tqdm(sched.timesteps, desc=sampler, disable=not progress):
-        out = named_model.predict(sched.scale_model_input(x, t), t, labels, guidance)
-        x = sched.step(out, t, x, generator=gen).prev_sample
+    def model(x_t, t):
+        return named_model.predict(x_t, t, labels, guidance)
+
+    for x_next in tqdm(trajectory(sched, model, x, steps, generator=gen), desc=sampler, disable=not progress):
+        x = x_next
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..models.reference import ReferenceModel, solve_reference
 from ..samplers import get_scheduler_class, make_scheduler
-from ..samplers.loop import count_evaluations
+from ..samplers.loop import count_evaluations, sample
 
 BASELINES = ("diffusers:DPMSolverMultistepScheduler", "diffusers:UniPCMultistepScheduler")
 
@@ -47,12 +47,11 @@ def reference_solution(named_model, x_T: torch.Tensor, labels: torch.Tensor | No
     sigma_start = float(sched.sigmas[0])
     if isinstance(named_model.model, ReferenceModel):
         return solve_reference(named_model.model, x_T, sigma_start, 0.0, labels, guidance), sigma_start
-    x = x_T.double()
+    def model(x, t):
+        return named_model.predict(x.to(named_model.dtype), t, labels, guidance).double()
+
     with torch.no_grad():
-        for t in sched.timesteps:
-            out = named_model.predict(x.to(named_model.dtype), t, labels, guidance).double()
-            x = sched.step(out, t, x).prev_sample
-    return x, sigma_start
+        return sample(sched, model, x_T.double(), REFERENCE_STEPS), sigma_start
 
 
 def steps_for_nfe(scheduler, nfe: int) -> int:
@@ -112,14 +111,11 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
         sched.step = timer
         x = x_T.to(device=device, dtype=dtype)
         t0 = time.perf_counter()
-        sched.set_timesteps(steps, device=device)
+        with torch.no_grad():
+            x = sample(sched, lambda x_t, t: named_model.predict(x_t, t, labels, guidance), x, steps)
+        seconds = time.perf_counter() - t0
         if abs(float(sched.sigmas[0]) - sigma_start) > 1e-3 * sigma_start:
             raise ValueError(f"{name} starts at sigma {float(sched.sigmas[0]):.4g}, not {sigma_start:.4g}.")
-        with torch.no_grad():
-            for t in sched.timesteps:
-                out = named_model.predict(sched.scale_model_input(x, t), t, labels, guidance)
-                x = sched.step(out, t, x).prev_sample
-        seconds = time.perf_counter() - t0
         mse = torch.mean((x.double() - x_ref.double()) ** 2, dim=tuple(range(1, x.ndim))).mean().item()
         records.append(BenchRecord(name, len(sched.timesteps), guidance, mse, seconds,
                                    1e6 * timer.seconds / max(timer.calls, 1)))
