@@ -257,9 +257,11 @@ def test_dualfast_with_zero_coefficient_is_the_base_sampler_exactly(base):
     assert not torch.equal(sample(make_scheduler(f"dualfast:{base}"), MODEL, X64, 8), expected)
 
 
-def test_dualfast_ddim_step_is_ddim_with_the_mixed_noise_prediction():
+@pytest.mark.parametrize("reference", ["previous", "first"])
+def test_dualfast_ddim_step_is_ddim_with_the_mixed_noise_prediction(reference):
     c = 0.4
-    sched = make_scheduler("dualfast:ddim", dualfast_scale=c, dualfast_schedule="constant")
+    sched = make_scheduler("dualfast:ddim", dualfast_scale=c, dualfast_schedule="constant",
+                           dualfast_reference=reference)
     ref = DDIMScheduler()
     sched.set_timesteps(5)
     ref.set_timesteps(5)
@@ -270,8 +272,16 @@ def test_dualfast_ddim_step_is_ddim_with_the_mixed_noise_prediction():
         x_next = sched.step(eps, t, x).prev_sample
         x_ref = ref.step(mixed, t, x).prev_sample
         torch.testing.assert_close(x_next, x_ref, rtol=0, atol=1e-12)
-        x, prev = x_next, eps
+        x = x_next
+        prev = eps if reference == "previous" or prev is None else prev
     assert sched.dualfast_coefficient(0) == c  # the first step has no cached prediction and is plain DDIM
+
+
+def test_dualfast_default_schedule_ramps_linearly_to_its_scale():
+    sched = make_scheduler("dualfast:dpm-solver++")
+    sched.set_timesteps(6)
+    assert sched.config.dualfast_scale == 0.15 and sched.config.dualfast_reference == "previous"
+    assert [sched.dualfast_coefficient(i) for i in range(6)] == pytest.approx([0.15 * i / 5 for i in range(6)])
 
 
 def test_dualfast_registry_classes_round_trip_and_generic_wrapping(tmp_path):
@@ -295,6 +305,8 @@ def test_dualfast_registry_classes_round_trip_and_generic_wrapping(tmp_path):
         dualfast_class(DiffusersDDIM)
     with pytest.raises(ValueError, match="dualfast_schedule"):
         cls(dualfast_schedule="cosine")
+    with pytest.raises(ValueError, match="dualfast_reference"):
+        cls(dualfast_reference="last")
 
 
 def test_cpr_does_not_extrapolate_outside_its_calibrated_configurations():

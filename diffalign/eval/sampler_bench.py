@@ -94,9 +94,13 @@ def sampler_overrides(named_model, name: str, guidance: float) -> dict:
 
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   progress: bool = True) -> list[BenchRecord]:
-    """Run each sampler at each NFE from the same noise; diffusers' DPM-Solver++ and UniPC are always included."""
-    names = list(dict.fromkeys(list(samplers) + list(BASELINES)))
+                   progress: bool = True, variants: dict[str, tuple[str, dict]] | None = None) -> list[BenchRecord]:
+    """Run each sampler at each NFE from the same noise; diffusers' DPM-Solver++ and UniPC are always included.
+
+    ``variants`` adds rows ``label -> (sampler name, extra config)``, e.g. a sampler with non-default options.
+    """
+    variants = dict(variants or {})
+    names = list(dict.fromkeys(list(samplers) + list(BASELINES) + list(variants)))
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=torch.float64)
     labels = torch.arange(num_images) % len(named_model.class_names) if guidance != 1.0 else None
@@ -104,8 +108,9 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     x_ref, sigma_start = reference_solution(named_model, x_T.to(device), labels, guidance, device)
     records = []
     jobs = [(n, k) for n in names for k in nfes]
-    for name, nfe in tqdm(jobs, desc="bench", disable=not progress):
-        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance)})
+    for label, nfe in tqdm(jobs, desc="bench", disable=not progress):
+        name, extra = variants.get(label, (label, {}))
+        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance), **extra})
         steps = steps_for_nfe(sched, nfe)
         timer = _TimedStep(sched)
         sched.step = timer
@@ -117,7 +122,7 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
         if abs(float(sched.sigmas[0]) - sigma_start) > 1e-3 * sigma_start:
             raise ValueError(f"{name} starts at sigma {float(sched.sigmas[0]):.4g}, not {sigma_start:.4g}.")
         mse = torch.mean((x.double() - x_ref.double()) ** 2, dim=tuple(range(1, x.ndim))).mean().item()
-        records.append(BenchRecord(name, len(sched.timesteps), guidance, mse, seconds,
+        records.append(BenchRecord(label, len(sched.timesteps), guidance, mse, seconds,
                                    1e6 * timer.seconds / max(timer.calls, 1)))
     return records
 

@@ -3,7 +3,7 @@
 The paper splits the sampling error into the discretization error (large steps) and the approximation error (the
 network's error), and reduces the latter by mixing the current prediction with an earlier, noisier cached one:
 
-    eps~(x_t, t) = (1 + c_t) eps(x_t, t) - c_t eps(x_tau, tau),   tau = the previous model evaluation,
+    eps~(x_t, t) = (1 + c_t) eps(x_t, t) - c_t eps(x_tau, tau),   tau > t an already-evaluated (cached) time,
 
 which replaces the model output the base sampler integrates. Here the mix happens once per ``step``, on the
 (x0, eps) pair before the sampler's update (the ``_adjust_prediction`` hook of
@@ -15,16 +15,20 @@ not strictly noisier (repeated or intermediate points of PNDM's warm-up) is not 
 the mixed outputs in their history. With c_t = 0 the base sampler is reproduced exactly. With ``thresholding``
 the x0 implied by eps~ is not clipped again.
 
-c_t = ``dualfast_scale`` * w_i with w_i = i / (N - 1) over the N model evaluations (``dualfast_schedule="linear"``,
-growing as the noise decreases) or w_i = 1 (``"constant"``); the first evaluation has no cache (c = 0).
+tau is the previous model evaluation (``dualfast_reference="previous"``, default) or the first one, at x_T
+(``"first"``). c_t = ``dualfast_scale`` * w_i with w_i = i / (N - 1) over the N model evaluations
+(``dualfast_schedule="linear"``, growing as the noise decreases) or w_i = 1 (``"constant"``); the first evaluation
+has no cache (c = 0).
 
-What was verified and what was not: the abstract of arXiv 2506.13058 and a third-party summary of its
-dual-error disentanglement (three s -> t transitions compared against a 1000-step pseudo ground truth) could be
-read; Section 4 of the paper could not be retrieved, so the mixing form above, the choice of tau, the
-c_t schedule and its constants come from secondary paper notes and were not checked against the paper. No
-official code is known. The defaults (linear ramp to c = 1) are chosen a priori: c = 1 on the last step equals
-the gradient-estimation sampler of Permenter & Yuan (smalldiffusion, eps_av = 2 eps_t - eps_prev), which has the
-same form and was checked in code.
+What was verified and what was not: the abstract of arXiv 2506.13058 and third-party notes on it could be read;
+Section 4 of the paper could not be retrieved. The notes give the mixing form above (tau > t cached, c_t growing
+toward low noise, substituted into the solver's first-order term, for DDIM / DPM-Solver / DPM-Solver++) but not
+tau or the constants. The only concrete schedule found is in a public DPM-Solver file of the first author
+(github.com/yuhuUSTC/Debias, ``guided_diffusion/DPM_solver.py``): ``lamda = torch.linspace(0, 0.15, steps)`` passed
+with ``x_T`` to the multistep updates, whose mixing code was removed. Hence the default: a linear ramp from 0 to
+``dualfast_scale = 0.15``, tau = the previous evaluation, mixing in eps. ``benchmarks/dualfast_variants.py``
+measures the other readings (tau = first evaluation, x0 space, larger c); c = 1 with tau = previous is the
+gradient-estimation sampler of Permenter & Yuan (smalldiffusion, eps_av = 2 eps_t - eps_prev) on the last step.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from diffusers.configuration_utils import register_to_config
 
 from .base import DiffAlignScheduler, check_choice
 
-DUALFAST_DEFAULTS = {"dualfast_scale": 1.0, "dualfast_schedule": "linear", "dualfast_space": "eps"}
+DUALFAST_DEFAULTS = {"dualfast_scale": 0.15, "dualfast_schedule": "linear", "dualfast_space": "eps",
+                     "dualfast_reference": "previous"}
 SCHEDULES = ("linear", "constant")
 SPACES = ("eps", "x0")
+REFERENCES = ("previous", "first")
 
 
 class DualFastMixin:
@@ -48,6 +54,7 @@ class DualFastMixin:
     def _reset_state(self) -> None:
         super()._reset_state()
         self._dualfast_prev: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (index, x0, eps), raw
+        self._dualfast_first: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def dualfast_coefficient(self, i: int) -> float:
         """c for the model evaluation ``i`` of the current grid."""
@@ -59,8 +66,14 @@ class DualFastMixin:
         x0, eps = super()._adjust_prediction(sample, x0, eps)
         i = self.step_index
         prev, self._dualfast_prev = self._dualfast_prev, (i, x0, eps)
+        if i == 0:
+            self._dualfast_first = (i, x0, eps)
+        if self.config.dualfast_reference == "first":
+            prev = self._dualfast_first if i > 0 else None
+        elif prev is not None and prev[0] != i - 1:
+            prev = None
         c_t = self.dualfast_coefficient(i)
-        if prev is None or c_t == 0.0 or prev[0] != i - 1:
+        if prev is None or c_t == 0.0:
             return x0, eps
         lvl = self._levels[i]
         if not self._levels[prev[0]].lambda_ < lvl.lambda_:
@@ -96,6 +109,7 @@ def dualfast_class(base: type) -> type:
         scale = kwargs.pop("dualfast_scale", DUALFAST_DEFAULTS["dualfast_scale"])
         check_choice("dualfast_schedule", kwargs.pop("dualfast_schedule", "linear"), SCHEDULES)
         check_choice("dualfast_space", kwargs.pop("dualfast_space", "eps"), SPACES)
+        check_choice("dualfast_reference", kwargs.pop("dualfast_reference", "previous"), REFERENCES)
         if not isinstance(scale, (int, float)) or scale != scale:
             raise ValueError(f"dualfast_scale must be a number, got {scale!r}.")
         raw_init(self, **kwargs)
@@ -103,8 +117,8 @@ def dualfast_class(base: type) -> type:
     __init__.__signature__ = inspect.Signature(params)
     name = f"DualFast{base.__name__}"
     doc = (f"DualFast (see :mod:`diffalign.samplers.dualfast`) around :class:`{base.__module__}.{base.__name__}`: "
-           "the base's arguments plus ``dualfast_scale``, ``dualfast_schedule`` (``linear``/``constant``) and "
-           "``dualfast_space`` (``eps``/``x0``).")
+           "the base's arguments plus ``dualfast_scale``, ``dualfast_schedule`` (``linear``/``constant``), "
+           "``dualfast_space`` (``eps``/``x0``) and ``dualfast_reference`` (``previous``/``first``).")
     cls = type(name, (DualFastMixin, base), {"__init__": register_to_config(__init__), "__module__": __name__,
                                              "__qualname__": name, "__doc__": doc})
     _CLASSES[base] = cls
