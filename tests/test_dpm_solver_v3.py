@@ -28,7 +28,14 @@ from diffalign.samplers import (
     sample,
     trajectory,
 )
-from diffalign.samplers.ems import EMS, compute_ems, compute_model_ems, load_ems, schedule_lambda_range
+from diffalign.samplers.ems import (
+    EMS,
+    compute_ems,
+    compute_model_ems,
+    load_ems,
+    schedule_lambda_range,
+    select_ems_file,
+)
 
 MODEL = digits_reference_model(prediction_type="epsilon")
 X_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -253,6 +260,28 @@ def test_ems_used_at_another_guidance_falls_back_to_the_degenerated_statistics(d
     other = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5), MODEL, X_T, 8)
     fallback = DPMSolverV3Scheduler(ems_path=path, degenerated=True, guidance_scale=7.5)
     assert torch.equal(other, sample(fallback, MODEL, X_T, 8))
+
+
+def test_a_directory_of_ems_sets_is_chosen_by_guidance(tmp_path, digits_ems):
+    import shutil
+
+    unguided = load_ems(digits_ems[0])
+    shutil.copytree(digits_ems[0], tmp_path / "model")
+    guided = EMS(unguided.l * 0.9 + 0.1, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5})
+    guided.save(tmp_path / "model" / "guidance_7.5")
+    path = str(tmp_path / "model")
+    assert select_ems_file(path, 7.5) == tmp_path / "model" / "guidance_7.5" / "ems.safetensors"
+    assert select_ems_file(path, None) == select_ems_file(path, 1.0) == tmp_path / "model" / "ems.safetensors"
+    at_7 = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5), MODEL, X_T, 8)
+    assert torch.equal(at_7, sample(DPMSolverV3Scheduler(ems_path=str(tmp_path / "model" / "guidance_7.5"),
+                                                         guidance_scale=7.5), MODEL, X_T, 8))
+    assert not torch.equal(at_7, sample(DPMSolverV3Scheduler(ems_path=path, degenerated=True, guidance_scale=7.5),
+                                        MODEL, X_T, 8))
+    assert torch.equal(sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=1.0), MODEL, X_T, 8),
+                       sample(DPMSolverV3Scheduler(ems_path=str(digits_ems[0])), MODEL, X_T, 8))
+    at_3 = sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=3.0), MODEL, X_T, 8)  # no set: degenerated
+    assert torch.equal(at_3, sample(DPMSolverV3Scheduler(ems_path=path, degenerated=True, guidance_scale=3.0),
+                                    MODEL, X_T, 8))
 
 
 def test_corrector_is_off_by_default_at_large_guidance_as_in_the_authors_script(digits_ems):

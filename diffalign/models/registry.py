@@ -56,7 +56,7 @@ MODELS.update({
 def shipped_overrides(name: str) -> dict:
     """Sampler config pointing at the files shipped for model ``name``: DC-Solver ratios / CPR
     (``diffalign calibrate``) under ``dc_ratios/<name>/`` and DPM-Solver-v3 statistics (``diffalign ems compute``)
-    under ``ems/<name>/``, with ``:`` in the name written as ``_``."""
+    under ``ems/<name>/`` (one set per guidance scale in subdirectories), with ``:`` in the name written as ``_``."""
     slug = name.replace(":", "_")
     overrides: dict = {}
     dc = {key: str(DC_RATIOS / slug / file) for key, file in (("dc_ratios_path", "ratios.json"),
@@ -64,7 +64,7 @@ def shipped_overrides(name: str) -> dict:
           if (DC_RATIOS / slug / file).is_file()}
     if dc:
         overrides["dc-solver"] = dc
-    if (EMS_DIR / slug / "ems.safetensors").is_file():
+    if (EMS_DIR / slug).is_dir() and any((EMS_DIR / slug).glob("**/ems.safetensors")):
         overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
     return overrides
 

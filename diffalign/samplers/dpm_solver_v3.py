@@ -59,7 +59,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .base import DiffAlignScheduler, NoiseLevel, check_choice, schedule_config
-from .ems import COMPUTE_HINT, EMS, Schedule, load_ems, schedule_mismatches
+from .ems import COMPUTE_HINT, EMS, Schedule, load_ems, schedule_mismatches, select_ems_file
 
 logger = logging.getLogger(__name__)
 _WARNED: set = set()
@@ -219,7 +219,9 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
 
     Args:
         ems_path: directory (or ``.safetensors`` file) of EMS computed for this model, resolution and noise
-            schedule by ``diffalign ems compute`` / :func:`diffalign.samplers.ems.compute_ems`.
+            schedule by ``diffalign ems compute`` / :func:`diffalign.samplers.ems.compute_ems`; a directory may
+            hold one set per guidance scale in subdirectories, chosen by ``guidance_scale``
+            (:func:`~diffalign.samplers.ems.select_ems_file`).
         degenerated: use l = 1, s = 0, b = 0 (DPM-Solver++'s ODE) instead of EMS statistics. With ``ems_path``
             the grid is still snapped to the EMS grid (for ablations on the same grid).
         solver_order: predictor order 1, 2 or 3 (the authors: 3 unconditional, 2 guided).
@@ -233,8 +235,8 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         half_corrector: only correct where t <= 0.5 (the paper's convention; see the module docstring).
         guidance_scale: the guidance scale the sampler is used at, when known (diffalign's sampling and benchmark
             pass it). EMS are guidance-specific: on the closed-form digits model, unguided EMS used at guidance
-            7.5 diverge (MSE ~30 at NFE 5). When it differs from the EMS header's ``guidance`` the scheduler
-            warns and uses the degenerated statistics instead.
+            7.5 diverge (MSE ~30 at NFE 5). When no set under ``ems_path`` was computed at this guidance the
+            scheduler warns and uses the degenerated statistics instead.
         Shared schedule parameters: :data:`diffalign.samplers.base.SCHEDULE_DEFAULTS`.
     """
 
@@ -261,8 +263,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         self._grid = Schedule(self)
         self._ems: EMS | None = None
         if ems_path is not None:
-            path = Path(os.fspath(ems_path))
-            file = path if path.suffix == ".safetensors" else path / "ems.safetensors"
+            file = select_ems_file(Path(os.fspath(ems_path)), guidance_scale)
             if not file.is_file():
                 raise FileNotFoundError(f"DPM-Solver-v3: no EMS at {file} (ems_path={str(ems_path)!r}); "
                                         f"{COMPUTE_HINT}.")

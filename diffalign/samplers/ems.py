@@ -44,7 +44,9 @@ step. For flow-matching schedules (``use_flow_sigmas``) the range is that of dif
 ``"diffalign_ems"``) and ``ems.json`` (the same header, human-readable). Computation is resumable: partial
 sums are written to ``ems.partial.safetensors`` in the output directory after every chunk of grid points and
 picked up by a later run with the same settings (noise is seeded per grid point, so a resumed run gives the
-same numbers as an uninterrupted one).
+same numbers as an uninterrupted one). EMS are guidance-specific, so a model may ship one set per guidance scale:
+the unguided set in the directory itself and others in subdirectories (``guidance_7.5/ems.safetensors``);
+:func:`select_ems_file` picks the set matching a guidance scale.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EMS",
     "EMS_FILE",
+    "ems_guidance",
+    "select_ems_file",
     "SCHEDULE_KEYS",
     "compute_ems",
     "compute_model_ems",
@@ -316,6 +320,37 @@ def _ems_file(path: Path, create: bool = False) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path / EMS_FILE
+
+
+def ems_guidance(file: str | Path) -> float | None:
+    """The guidance scale in an EMS file's header (``None`` when unrecorded), read without loading the arrays."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+    return None if meta.get("guidance") is None else float(meta["guidance"])
+
+
+def select_ems_file(path: str | Path, guidance_scale: float | None = None) -> Path:
+    """The EMS file for ``guidance_scale`` under ``path``.
+
+    ``path`` is an EMS file or a directory holding ``ems.safetensors`` and/or subdirectories with one EMS each
+    (e.g. ``guidance_7.5/``): EMS are guidance-specific, so a model can ship one set per guidance scale. The set
+    whose header guidance equals ``guidance_scale`` is chosen (``None``: the unguided set, guidance 1); otherwise the
+    top-level file (the caller decides what a guidance mismatch means), else the first subdirectory's.
+    """
+    path = Path(path)
+    top = _ems_file(path)
+    if path.suffix == ".safetensors" or not path.is_dir():
+        return top
+    candidates = ([top] if top.is_file() else []) + sorted(p / EMS_FILE for p in path.iterdir()
+                                                           if p.is_dir() and (p / EMS_FILE).is_file())
+    want = 1.0 if guidance_scale is None else float(guidance_scale)
+    for file in candidates:
+        g = ems_guidance(file)
+        if g is not None and math.isclose(g, want):
+            return file
+    return candidates[0] if candidates else top
 
 
 def load_ems(path: str | Path) -> EMS:
