@@ -284,11 +284,16 @@ def test_a_directory_of_ems_sets_is_chosen_by_guidance(tmp_path, digits_ems):
                                     MODEL, X_T, 8))
 
 
-def test_corrector_is_off_by_default_at_large_guidance_as_in_the_authors_script(digits_ems):
+def test_corrector_is_off_by_default_only_with_degenerated_statistics_at_large_guidance(tmp_path, digits_ems):
     path = str(digits_ems[0])
     assert DPMSolverV3Scheduler(ems_path=path)._corrector_on()
-    assert not DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5)._corrector_on()
+    assert DPMSolverV3Scheduler(degenerated=True, guidance_scale=3.0)._corrector_on()
+    assert not DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5)._corrector_on()  # unguided EMS: fallback
+    assert not DPMSolverV3Scheduler(degenerated=True, guidance_scale=7.5)._corrector_on()
     assert DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5, use_corrector=True)._corrector_on()
+    unguided = load_ems(digits_ems[0])
+    EMS(unguided.l, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5}).save(tmp_path / "g")
+    assert DPMSolverV3Scheduler(ems_path=str(tmp_path / "g"), guidance_scale=7.5)._corrector_on()
 
 
 # ------------------------------------------------------------------------------------------------ errors
