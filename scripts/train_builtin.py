@@ -429,7 +429,7 @@ def write_card(args, spec, out: Path) -> str:
         segments = [f"steps {h['from_step']}-{nxt['from_step']} under a {h['steps']}-step cosine schedule"
                     for h, nxt in zip(history, history[1:], strict=False)]
         segments.append(f"steps {history[-1]['from_step']}-{stopped} under a {history[-1]['steps']}-step schedule")
-        trained = f"{stopped} steps ({'; '.join(segments)}; shortened on resume to fit the CPU time budget)"
+        trained = f"{stopped} steps ({'; '.join(segments)}; the cosine length was changed on resume to fit CPU time)"
         cmds = [f"    python scripts/train_builtin.py --model {spec.name} --what unet --seed {u.get('seed')} "
                 f"--steps {h['steps']} --stop-at {nxt['from_step']} --resume --allow-schedule-change"
                 for h, nxt in zip(history, history[1:], strict=False)]
