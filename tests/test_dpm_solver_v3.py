@@ -10,6 +10,7 @@ Monte-Carlo roughness in lambda that no polynomial extrapolation removes.
 import functools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -263,8 +264,6 @@ def test_ems_used_at_another_guidance_falls_back_to_the_degenerated_statistics(d
 
 
 def test_a_directory_of_ems_sets_is_chosen_by_guidance(tmp_path, digits_ems):
-    import shutil
-
     unguided = load_ems(digits_ems[0])
     shutil.copytree(digits_ems[0], tmp_path / "model")
     guided = EMS(unguided.l * 0.9 + 0.1, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5})

@@ -64,7 +64,7 @@ def shipped_overrides(name: str) -> dict:
           if (DC_RATIOS / slug / file).is_file()}
     if dc:
         overrides["dc-solver"] = dc
-    if (EMS_DIR / slug).is_dir() and any((EMS_DIR / slug).glob("**/ems.safetensors")):
+    if (EMS_DIR / slug / "ems.safetensors").is_file() or any((EMS_DIR / slug).glob("*/ems.safetensors")):
         overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
     return overrides
 

@@ -322,12 +322,17 @@ def _ems_file(path: Path, create: bool = False) -> Path:
     return path / EMS_FILE
 
 
+def _file_meta(fh) -> dict:
+    """The JSON header stored under :data:`META_KEY` in an open safetensors file (``{}`` when absent)."""
+    return json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+
+
 def ems_guidance(file: str | Path) -> float | None:
     """The guidance scale in an EMS file's header (``None`` when unrecorded), read without loading the arrays."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+        meta = _file_meta(fh)
     return None if meta.get("guidance") is None else float(meta["guidance"])
 
 
@@ -361,7 +366,7 @@ def load_ems(path: str | Path) -> EMS:
     if not file.is_file():
         raise FileNotFoundError(f"no EMS file at {file}; {COMPUTE_HINT}.")
     with safe_open(str(file), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+        meta = _file_meta(fh)
         missing = {"l", "s", "b", "lambdas"} - set(fh.keys())
         if missing:
             raise ValueError(f"{file} is not an EMS file (missing {sorted(missing)}); {COMPUTE_HINT}.")
@@ -724,7 +729,7 @@ def _load_partial(file: Path, header: dict, sums: dict) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as fh:
-        saved = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+        saved = _file_meta(fh)
         loaded = {k: fh.get_tensor(k) for k in sums if k in fh.keys()}
     if saved.get("header") != json.loads(json.dumps(header)) or set(loaded) != set(sums):
         raise ValueError(f"{file} holds partial EMS results computed with different settings (model, data, "
