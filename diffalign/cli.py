@@ -87,6 +87,43 @@ def _ems_compute(args) -> None:
           f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s; wrote {args.out}")
 
 
+def _scheduler_config(source: str) -> dict:
+    """A scheduler config from a model name, a scheduler_config.json, or a diffusers pipeline directory / hub id."""
+    from .models.registry import MODELS, load_model
+
+    if source in MODELS or source.split(":")[0] in ("builtin", "reference"):
+        return dict(load_model(source).scheduler_config)
+    from diffusers import DDPMScheduler
+
+    path = Path(source)
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    subfolder = "scheduler" if not (path / "scheduler_config.json").is_file() else None
+    try:
+        return dict(DDPMScheduler.load_config(source, subfolder=subfolder))
+    except OSError as err:
+        raise ValueError(f"cannot read a scheduler config from {source!r} (a diffalign model name, a "
+                         f"scheduler_config.json, or a diffusers pipeline directory / cached hub id): {err}") from err
+
+
+def _ems_import(args) -> None:
+    from .samplers.ems import load_official_ems
+
+    ems = load_official_ems(args.official, _scheduler_config(args.scheduler), guidance=args.guidance,
+                            model=args.model_id)
+    file = ems.save(args.out)
+    print(f"EMS (shape {list(ems.sample_shape)}, N={ems.num_points}, guidance {args.guidance:g}, lambda "
+          f"{ems.lambda_T:.3f}..{ems.lambda_0:.3f}) from {args.official}; wrote {file}")
+
+
+def _ems_export(args) -> None:
+    from .samplers.ems import load_ems, save_official_ems, select_ems_file
+
+    ems = load_ems(select_ems_file(args.ems, args.guidance))
+    out = save_official_ems(ems, args.out)
+    print(f"wrote {out}/l.npz and {out}/sb.npz (N={ems.num_points}, guidance {ems.meta.get('guidance')})")
+
+
 def _eval_fid(args) -> None:
     from .eval.fid import FID, fid_of_model, get_features, load_image_folder
     from .models.registry import load_model
@@ -196,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--out", required=True, help="output directory (partial results there are resumed)")
     ec.add_argument("--seed", type=int, default=0)
     ec.set_defaults(func=_ems_compute)
+    ei = esub.add_parser("import", help="convert the official code's l.npz / sb.npz into a diffalign EMS directory")
+    ei.add_argument("official", help="directory with l.npz and sb.npz (e.g. sd-v1-4/7.5_250_1024)")
+    ei.add_argument("--scheduler", required=True,
+                    help="the model's schedule: a diffalign model name, a scheduler_config.json, or a diffusers "
+                         "pipeline directory / cached hub id")
+    ei.add_argument("--guidance", type=float, default=1.0, help="the guidance scale the statistics were made for")
+    ei.add_argument("--model-id", default=None, help="model name recorded in the header")
+    ei.add_argument("--out", required=True)
+    ei.set_defaults(func=_ems_import)
+    ex = esub.add_parser("export", help="write an EMS in the official code's l.npz / sb.npz layout")
+    ex.add_argument("ems", help="EMS directory or file (a model directory with per-guidance sets: see --guidance)")
+    ex.add_argument("--guidance", type=float, default=None, help="pick the set for this guidance scale")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=_ems_export)
 
     ev = sub.add_parser("eval", help="evaluation (FID)")
     evsub = ev.add_subparsers(dest="what", required=True)

@@ -34,6 +34,8 @@ from diffalign.samplers.ems import (
     compute_ems,
     compute_model_ems,
     load_ems,
+    load_official_ems,
+    save_official_ems,
     schedule_lambda_range,
     select_ems_file,
 )
@@ -402,3 +404,55 @@ def test_cli_ems_compute(tmp_path, capsys):
     code = main(["ems", "compute", "--model", "reference:digits", "--num-datapoints", "8", "--grid", "6", "--out",
                  str(tmp_path / "g"), "--guidance", "3", "--datapoints", "samples", "--quiet"])
     assert code == 0 and json.loads((tmp_path / "g" / "ems.json").read_text())["guidance"] == 3.0
+
+
+# ------------------------------------------------------------------------------------------------ official layout
+def test_official_layout_round_trip_samples_identically(tmp_path, digits_ems):
+    path, ems = digits_ems
+    config = load_model("reference:digits").scheduler_config
+    save_official_ems(ems, tmp_path / "official")
+    with np.load(tmp_path / "official" / "l.npz") as z:
+        assert z.files == ["l"] and z["l"].shape == (41, 1, 8, 8)
+    back = load_official_ems(tmp_path / "official", config, guidance=1.0, model="reference:digits")
+    for k in ("l", "s", "b"):
+        assert torch.equal(getattr(back, k), getattr(ems, k))
+    torch.testing.assert_close(back.lambdas, ems.lambdas, rtol=0, atol=1e-12)
+    back.save(tmp_path / "imported")
+    run = lambda p: sample(make_scheduler("dpm-solver-v3", config, ems_path=str(p)), MODEL, X_T, 6)  # noqa: E731
+    torch.testing.assert_close(run(tmp_path / "imported"), run(path), rtol=0, atol=1e-12)
+
+
+def test_official_layout_errors_are_clear(tmp_path, digits_ems):
+    _, ems = digits_ems
+    config = load_model("reference:digits").scheduler_config
+    with pytest.raises(FileNotFoundError, match="l.npz"):
+        load_official_ems(tmp_path, config)
+    np.savez(tmp_path / "l.npz", l=np.ones((5, 1, 8, 8)))
+    np.savez(tmp_path / "sb.npz", s=np.zeros((5, 1, 8, 8)))
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        load_official_ems(tmp_path, config)
+    np.savez(tmp_path / "sb.npz", s=np.zeros((5, 1, 8, 8)), b=np.array([object()] * 5, dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):  # never unpickled
+        load_official_ems(tmp_path, config)
+    np.savez(tmp_path / "sb.npz", s=np.zeros((4, 1, 8, 8)), b=np.zeros((4, 1, 8, 8)))
+    with pytest.raises(ValueError, match="shape"):
+        load_official_ems(tmp_path, config)
+    narrow = EMS(ems.l, ems.s, ems.b, ems.lambdas * 0.5, dict(ems.meta))
+    with pytest.raises(ValueError, match="official"):
+        save_official_ems(narrow, tmp_path / "x")
+
+
+def test_cli_ems_export_and_import(tmp_path, capsys, digits_ems):
+    path, ems = digits_ems
+    assert main(["ems", "export", str(path), "--out", str(tmp_path / "off")]) == 0
+    assert main(["ems", "import", str(tmp_path / "off"), "--scheduler", "reference:digits", "--guidance", "1",
+                 "--out", str(tmp_path / "imp")]) == 0, capsys.readouterr().err
+    back = load_ems(tmp_path / "imp")
+    assert torch.equal(back.s, ems.s) and back.meta["guidance"] == 1.0
+    assert back.meta["schedule"] == ems.meta["schedule"]
+    (tmp_path / "sched.json").write_text(json.dumps(dict(load_model("reference:digits").scheduler_config)))
+    assert main(["ems", "import", str(tmp_path / "off"), "--scheduler", str(tmp_path / "sched.json"),
+                 "--out", str(tmp_path / "imp2")]) == 0
+    assert main(["ems", "import", str(tmp_path / "off"), "--scheduler", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "imp3")]) == 2
+    assert "scheduler config" in capsys.readouterr().err

@@ -46,7 +46,8 @@ sums are written to ``ems.partial.safetensors`` in the output directory after ev
 picked up by a later run with the same settings (noise is seeded per grid point, so a resumed run gives the
 same numbers as an uninterrupted one). EMS are guidance-specific, so a model may ship one set per guidance scale:
 the unguided set in the directory itself and others in subdirectories (``guidance_7.5/ems.safetensors``);
-:func:`select_ems_file` picks the set matching a guidance scale.
+:func:`select_ems_file` picks the set matching a guidance scale. :func:`load_official_ems` /
+:func:`save_official_ems` read and write the official code's ``l.npz`` / ``sb.npz`` layout (same grid).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ __all__ = [
     "compute_ems",
     "compute_model_ems",
     "load_ems",
+    "load_official_ems",
     "model_eps_fn",
+    "save_official_ems",
     "schedule_lambda_range",
 ]
 
@@ -373,6 +376,71 @@ def load_ems(path: str | Path) -> EMS:
         arrays = {k: fh.get_tensor(k) for k in ("l", "s", "b", "lambdas")}
     meta["path"] = str(file)
     return EMS(arrays["l"], arrays["s"], arrays["b"], arrays["lambdas"], meta)
+
+
+# ------------------------------------------------------------------------------------------------ official layout
+OFFICIAL_L, OFFICIAL_SB = "l.npz", "sb.npz"
+
+
+def load_official_ems(directory: str | Path, scheduler_config: Mapping, *, guidance: float = 1.0,
+                      model: str | None = None) -> EMS:
+    """EMS from the official code's ``statistics_dir`` (``l.npz`` with key ``l``, ``sb.npz`` with ``s``, ``b``,
+    each [N + 1, C, H, W]) for a discrete VP model with this scheduler config.
+
+    The official sampler places the N + 1 rows uniformly in lambda from lambda(t = 1) to lambda(t = 1 / T), which
+    for a discrete schedule are the noisiest and the cleanest training timesteps: diffalign's default range, so
+    the arrays are used as they are. The files are read with ``allow_pickle=False``.
+    """
+    directory = Path(directory)
+    config = dict(scheduler_config)
+    if config.get("use_flow_sigmas"):
+        raise ValueError("the official EMS layout is defined for VP (DDPM-type) schedules only; this scheduler "
+                         "config uses flow-matching sigmas.")
+    arrays = {}
+    for name, keys in ((OFFICIAL_L, ("l",)), (OFFICIAL_SB, ("s", "b"))):
+        file = directory / name
+        if not file.is_file():
+            raise FileNotFoundError(f"no {name} in {directory}; an official statistics directory holds {OFFICIAL_L} "
+                                    f"(key 'l') and {OFFICIAL_SB} (keys 's', 'b').")
+        with np.load(file, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise ValueError(f"{file} lacks the array(s) {missing} (it has {z.files}).")
+            arrays.update({k: torch.from_numpy(np.asarray(z[k], dtype=np.float64)) for k in keys})
+    n = arrays["l"].shape[0]
+    lam_T, lam_0 = schedule_lambda_range(config)
+    meta = {"format": FORMAT, "version": VERSION, "model": model, "guidance": float(guidance),
+            "source": f"official layout: {directory}", "sample_shape": list(arrays["l"].shape[1:]),
+            "num_points": n - 1, "schedule": schedule_signature(config), "lambda_T": lam_T, "lambda_0": lam_0}
+    meta["path"] = str(directory)
+    ems = EMS(arrays["l"], arrays["s"], arrays["b"], torch.linspace(lam_T, lam_0, n, dtype=torch.float64), meta)
+    del ems.meta["path"]
+    return ems
+
+
+def save_official_ems(ems: EMS, directory: str | Path) -> Path:
+    """Write ``l.npz`` / ``sb.npz`` for the official sampler (float64).
+
+    Raises if the EMS grid is not the official one (uniform from lambda(t = 1) to lambda(t = 1 / T) of the EMS's
+    schedule): the official files carry no lambdas, so another grid would be silently misplaced.
+    """
+    schedule = ems.meta.get("schedule")
+    if not schedule or schedule.get("use_flow_sigmas"):
+        raise ValueError("only EMS of VP (DDPM-type) schedules with a recorded schedule can be written in the "
+                         "official layout.")
+    lam_T, lam_0 = schedule_lambda_range(schedule)
+    if not (math.isclose(ems.lambda_T, lam_T, abs_tol=1e-6) and math.isclose(ems.lambda_0, lam_0, abs_tol=1e-6)):
+        raise ValueError(f"the EMS grid spans lambda {ems.lambda_T:.6g}..{ems.lambda_0:.6g}, not the official "
+                         f"{lam_T:.6g}..{lam_0:.6g} (lambda(t=1)..lambda(t=1/T)); the official files carry no "
+                         "lambdas, so this grid cannot be written in that layout.")
+    if not ems.sample_shape:
+        raise ValueError("the official layout stores per-element statistics [N + 1, C, H, W]; this EMS has one "
+                         "value per noise level.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(directory / OFFICIAL_L, l=ems.l.numpy())
+    np.savez(directory / OFFICIAL_SB, s=ems.s.numpy(), b=ems.b.numpy())
+    return directory
 
 
 # ------------------------------------------------------------------------------------------------ computation
