@@ -456,3 +456,15 @@ def test_cli_ems_export_and_import(tmp_path, capsys, digits_ems):
     assert main(["ems", "import", str(tmp_path / "off"), "--scheduler", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "imp3")]) == 2
     assert "scheduler config" in capsys.readouterr().err
+
+
+def test_guided_ems_of_the_unconditional_network_option(tmp_path):
+    named = load_model("reference:digits")
+    kw = dict(guidance=3.0, datapoints="samples", progress=False)
+    guided = compute_model_ems(named, 8, 4, **kw)
+    uncond = compute_model_ems(named, 8, 4, network="unconditional", **kw)
+    assert uncond.meta["network"] == "unconditional" and uncond.meta["guidance"] == 3.0
+    assert "network" not in guided.meta
+    assert not torch.allclose(uncond.l, guided.l)
+    with pytest.raises(ValueError, match="network"):
+        compute_model_ems(named, 8, 4, network="conditional", **kw)

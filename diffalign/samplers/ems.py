@@ -902,10 +902,20 @@ def _model_samples(named_model, k: int, guidance: float, gen: torch.Generator, d
 def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guidance: float = 1.0,
                       datapoints: str = "data", out: str | Path | None = None, seed: int = 0,
                       device: str | torch.device = "cpu", num_probes: int = 1, batch_size: int = 256,
-                      progress: bool = True) -> EMS:
-    """EMS of a :class:`~diffalign.models.registry.NamedModel` (what ``diffalign ems compute`` runs)."""
+                      progress: bool = True, network: str = "guided") -> EMS:
+    """EMS of a :class:`~diffalign.models.registry.NamedModel` (what ``diffalign ems compute`` runs).
+
+    For guided EMS (``guidance != 1``), ``network="guided"`` differentiates the classifier-free-guided eps that
+    the sampler integrates; ``network="unconditional"`` differentiates the unconditional eps at the same
+    datapoints (the paper's choice for Stable Diffusion, App. J.2; half the cost).
+    """
+    if network not in ("guided", "unconditional"):
+        raise ValueError(f"network must be 'guided' or 'unconditional', got {network!r}.")
     x0, labels = model_datapoints(named_model, num_datapoints, datapoints, guidance, seed, device, progress)
     meta = {"model": named_model.name, "guidance": float(guidance), "datapoints": datapoints}
+    if network == "unconditional" and guidance != 1.0:
+        meta["network"] = network
+        labels, guidance = None, 1.0
     return compute_ems(model_eps_fn(named_model, guidance), x0, named_model.scheduler_config, num_points,
                        labels=labels, num_probes=num_probes, batch_size=batch_size, seed=seed, out=out, meta=meta,
                        progress=progress)
