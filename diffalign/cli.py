@@ -82,7 +82,8 @@ def _ems_compute(args) -> None:
     named = load_model(args.model, device=args.device)
     ems = compute_model_ems(named, args.num_datapoints, args.grid, guidance=args.guidance, datapoints=args.datapoints,
                             out=args.out, seed=args.seed, device=args.device, num_probes=args.num_probes,
-                            batch_size=args.batch_size, progress=not args.quiet, network=args.network)
+                            batch_size=args.batch_size, progress=not args.quiet, network=args.network,
+                            derivatives=args.derivatives)
     print(f"EMS for {args.model} (shape {list(ems.sample_shape)}, N={ems.num_points}, K={args.num_datapoints}, "
           f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s; wrote {args.out}")
 
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--network", choices=["guided", "unconditional"], default="guided",
                     help="guided EMS: differentiate the guided eps, or the unconditional eps at the guided "
                          "datapoints (the paper's Stable Diffusion recipe; half the cost)")
+    ec.add_argument("--derivatives", choices=["jvp", "fd"], default="jvp",
+                    help="directional derivatives by forward-mode AD, or by central differences (about 2x faster)")
     ec.add_argument("--num-probes", type=int, default=1, help="Rademacher probes per datapoint for l")
     ec.add_argument("--batch-size", type=int, default=256, help="datapoints per JVP (memory bound)")
     ec.add_argument("--out", required=True, help="output directory (partial results there are resumed)")

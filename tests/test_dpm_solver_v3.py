@@ -468,3 +468,17 @@ def test_guided_ems_of_the_unconditional_network_option(tmp_path):
     assert not torch.allclose(uncond.l, guided.l)
     with pytest.raises(ValueError, match="network"):
         compute_model_ems(named, 8, 4, network="conditional", **kw)
+
+
+def test_finite_difference_derivatives_agree_with_jvps_far_below_the_monte_carlo_error():
+    named = load_model("builtin:digits")  # float32, no forward-mode AD (double-VJP JVPs)
+    jvp_ems = compute_model_ems(named, 16, 4, progress=False)
+    fd_ems = compute_model_ems(named, 16, 4, derivatives="fd", progress=False)
+    other_seed = compute_model_ems(named, 16, 4, seed=1, progress=False)
+    assert fd_ems.meta["derivatives"] == "fd" and fd_ems.meta["time_derivative"] == "fd"
+    for k in ("l", "s", "b"):
+        fd_err = (getattr(fd_ems, k) - getattr(jvp_ems, k)).abs().median()
+        mc_err = (getattr(other_seed, k) - getattr(jvp_ems, k)).abs().median()
+        assert fd_err < 0.05 * mc_err, (k, float(fd_err), float(mc_err))
+    with pytest.raises(ValueError, match="derivatives"):
+        compute_model_ems(named, 16, 4, derivatives="complex-step", progress=False)

@@ -562,6 +562,7 @@ def compute_ems(
     lambda_range: tuple[float, float] | None = None,
     chunk_points: int | None = None,
     shrink: bool = True,
+    derivatives: str = "jvp",
     progress: bool = True,
 ) -> EMS:
     """Estimate DPM-Solver-v3's EMS of a noise-prediction model (see the module docstring for the maths).
@@ -587,6 +588,11 @@ def compute_ems(
         chunk_points: grid points per chunk between partial saves (default: N / 20).
         shrink: shrink each element's regression slope s toward 0 by its standard error (see :func:`regression`);
             False gives the paper's plain least-squares slope.
+        derivatives: ``"jvp"`` (forward-mode AD, as the paper) or ``"fd"``: central differences, 2 model
+            evaluations per directional derivative instead of a JVP (~5x a forward pass on the built-in UNets), so
+            about twice as fast overall; steps (float32 / float64 models) 1e-2 / 1e-4 in x along the probe and 1e-3 /
+            1e-4 in lambda along the ODE; the derivatives agree with the JVPs to <1% on the built-in models, far
+            below the Monte-Carlo error of K datapoints.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -595,6 +601,8 @@ def compute_ems(
     from tqdm.auto import tqdm
 
     jvp = _JVP()
+    if derivatives not in ("jvp", "fd"):
+        raise ValueError(f"derivatives={derivatives!r} must be 'jvp' or 'fd'.")
     if time_derivative not in ("auto", "jvp", "fd"):
         raise ValueError(f"time_derivative={time_derivative!r} must be 'auto', 'jvp' or 'fd'.")
     if num_points < 2 or int(num_points) != num_points:
@@ -614,6 +622,10 @@ def compute_ems(
     k_data = data_x0.shape[0]
     shape = tuple(data_x0.shape[1:])
     device, dtype = data_x0.device, data_x0.dtype
+    # finite-difference steps: in x along a probe, and in lambda (the model's time embedding varies on the scale of
+    # one training timestep, ~1e-2 in lambda, so the lambda step is smaller; on builtin:digits 1e-3 agrees with the
+    # JVP to <0.5%, 1e-2 only to 10-20%)
+    delta_x, delta = (1e-4, 1e-4) if dtype == torch.float64 else (1e-2, 1e-3)
     call = _Caller(eps_fn, labels)
     header = {
         "format": FORMAT, "version": VERSION, **dict(meta or {}),
@@ -621,6 +633,8 @@ def compute_ems(
         "seed": int(seed), "smooth_window": smooth_window, "schedule": schedule_signature(config),
         "lambda_T": float(lam_T), "lambda_0": float(lam_0), "data_sha1": _fingerprint(data_x0, labels),
     }
+    if derivatives == "fd":
+        header["derivatives"] = "fd"
     chunk = max(1, int(chunk_points) if chunk_points else math.ceil((n + 1) / 20))
     out_dir = Path(out) if out is not None else None
     # phase 2 accumulates moments of f - c, f' - c' with per-point shifts c (the first batch's means): f can be
@@ -669,7 +683,11 @@ def compute_ems(
                 x = alpha * data_x0[rows] + sigma * z
                 tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
                 for v in probes:
-                    jv = jvp(lambda x_, tt=tt, rows=rows: call(x_, tt, rows), (x,), (v,))
+                    if derivatives == "fd":
+                        with torch.no_grad():
+                            jv = (call(x + delta_x * v, tt, rows) - call(x - delta_x * v, tt, rows)) / (2 * delta_x)
+                    else:
+                        jv = jvp(lambda x_, tt=tt, rows=rows: call(x_, tt, rows), (x,), (v,))
                     acc += (sigma * jv.double() * v.double()).sum(0)
             sums["l_sum"][j] = acc.cpu()
             state["next"] = j + 1
@@ -684,6 +702,8 @@ def compute_ems(
     l_prime = smoothed_derivative(l_all, lambdas, smooth_window)
 
     # ---- phase 2: regression statistics of f' on f
+    if derivatives == "fd":
+        state["time_derivative"] = "fd"
     if state["time_derivative"] == "auto":
         rows = slice(0, min(4, k_data))
         lam_mid = float(lambdas[n // 2])
@@ -694,7 +714,6 @@ def compute_ems(
             logger.info("eps_fn does not propagate a tangent through its time input; its time derivative is "
                         "taken by central differences in lambda.")
     use_jvp_time = state["time_derivative"] == "jvp"
-    delta = 1e-4 if dtype == torch.float64 else 1e-2
     for j in range(state["next"], n + 1):
         lam = float(lambdas[j])
         alpha, sigma = sched.alpha_sigma(lam)
@@ -710,7 +729,12 @@ def compute_ems(
             with torch.no_grad():
                 eps = call(x, tt, rows)
             vx = dlog_alpha * x - sigma * eps
-            if use_jvp_time:
+            if derivatives == "fd":  # along the ODE: x and lambda together
+                with torch.no_grad():
+                    t_hi = torch.full_like(tt, sched.time(lam + delta))
+                    t_lo = torch.full_like(tt, sched.time(lam - delta))
+                    eps_d = (call(x + delta * vx, t_hi, rows) - call(x - delta * vx, t_lo, rows)) / (2 * delta)
+            elif use_jvp_time:
                 vt = torch.full_like(tt, sched.dtime_dlambda(lam))
                 eps_d = jvp(lambda x_, t_, rows=rows: call(x_, t_, rows), (x, tt), (vx, vt))
             else:
@@ -902,7 +926,7 @@ def _model_samples(named_model, k: int, guidance: float, gen: torch.Generator, d
 def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guidance: float = 1.0,
                       datapoints: str = "data", out: str | Path | None = None, seed: int = 0,
                       device: str | torch.device = "cpu", num_probes: int = 1, batch_size: int = 256,
-                      progress: bool = True, network: str = "guided") -> EMS:
+                      progress: bool = True, network: str = "guided", derivatives: str = "jvp") -> EMS:
     """EMS of a :class:`~diffalign.models.registry.NamedModel` (what ``diffalign ems compute`` runs).
 
     For guided EMS (``guidance != 1``), ``network="guided"`` differentiates the classifier-free-guided eps that
@@ -918,4 +942,4 @@ def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guid
         labels, guidance = None, 1.0
     return compute_ems(model_eps_fn(named_model, guidance), x0, named_model.scheduler_config, num_points,
                        labels=labels, num_probes=num_probes, batch_size=batch_size, seed=seed, out=out, meta=meta,
-                       progress=progress)
+                       derivatives=derivatives, progress=progress)
