@@ -476,6 +476,7 @@ def test_finite_difference_derivatives_agree_with_jvps_far_below_the_monte_carlo
     fd_ems = compute_model_ems(named, 16, 4, derivatives="fd", progress=False)
     other_seed = compute_model_ems(named, 16, 4, seed=1, progress=False)
     assert fd_ems.meta["derivatives"] == "fd" and fd_ems.meta["time_derivative"] == "fd"
+    assert fd_ems.meta["fd_steps"] == [1e-2, 1e-3]
     for k in ("l", "s", "b"):
         fd_err = (getattr(fd_ems, k) - getattr(jvp_ems, k)).abs().median()
         mc_err = (getattr(other_seed, k) - getattr(jvp_ems, k)).abs().median()
