@@ -483,3 +483,12 @@ def test_finite_difference_derivatives_agree_with_jvps_far_below_the_monte_carlo
         assert fd_err < 0.05 * mc_err, (k, float(fd_err), float(mc_err))
     with pytest.raises(ValueError, match="derivatives"):
         compute_model_ems(named, 16, 4, derivatives="complex-step", progress=False)
+
+
+def test_a_directory_with_only_guided_ems_warns_when_the_guidance_is_unknown(tmp_path, digits_ems, caplog):
+    unguided = load_ems(digits_ems[0])
+    EMS(unguided.l, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5}).save(
+        tmp_path / "model" / "guidance_7.5")
+    with caplog.at_level("WARNING", logger="diffalign.samplers.dpm_solver_v3"):
+        DPMSolverV3Scheduler(ems_path=str(tmp_path / "model"))
+    assert "holds no unguided EMS" in caplog.text and "guidance 7.5" in caplog.text

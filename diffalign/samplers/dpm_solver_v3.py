@@ -285,6 +285,10 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
                            "compute --guidance %g --datapoints samples ...`.", file, ems_guidance, guidance_scale,
                            guidance_scale)
                 self._integrals = _DegenerateIntegrals()
+            elif (guidance_scale is None and ems_guidance is not None and Path(os.fspath(ems_path)).is_dir()
+                    and not math.isclose(float(ems_guidance), 1.0)):
+                _warn_once("%s holds no unguided EMS; using the set computed at guidance %g -- pass guidance_scale "
+                           "so that DPM-Solver-v3 can check that it matches.", ems_path, ems_guidance)
         else:
             if not degenerated:
                 _warn_once("DPMSolverV3Scheduler without ems_path runs with the degenerated statistics (l=1, s=0, "
