@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    sets = dict(item.split("=", 1) for item in args.ems)
+    sets = dict(item.rsplit("=", 1) for item in args.ems)
     records = bench_samplers(load_model(args.model), ["dpm-solver-v3"], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, variants=variants(sets))
     print(f"{args.model}, guidance {args.guidance:g}")
