@@ -12,10 +12,8 @@ the final coefficient of the linear ramp c_i = scale * i / (N - 1), and the spac
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from diffalign.eval.sampler_bench import bench_samplers, format_table
+from diffalign.eval.sampler_bench import bench_samplers, report
 from diffalign.models.registry import load_model
 
 
@@ -44,11 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                      args.spaces.split(","))
     records = bench_samplers(load_model(args.model), bases, [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, variants=table)
-    print(f"{args.model}, guidance {args.guidance:g}")
-    print(format_table(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=2))
-        print(f"wrote {args.json}")
+    report(records, args.json, title=f"{args.model}, guidance {args.guidance:g}")
 
 
 if __name__ == "__main__":

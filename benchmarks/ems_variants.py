@@ -5,7 +5,7 @@ shipped statistics, its degenerated form and diffusers' DPM-Solver++ / UniPC, fr
 ``diffalign bench samplers``. Used to decide what to ship (e.g. EMS of the guided vs the unconditional network,
 or of another N / K):
 
-    diffalign ems compute --model reference:digits --guidance 7.5 --datapoints samples --network unconditional \
+    diffalign ems compute --model reference:digits --guidance 7.5 --datapoints samples --network unconditional \\
         --num-datapoints 512 --grid 200 --out out/ems/ref_uncond_g7.5
     python benchmarks/ems_variants.py --model reference:digits --guidance 7.5 --nfe 5,6,8,10,20 \\
         --ems "uncond-net=out/ems/ref_uncond_g7.5" --json out.json
@@ -14,10 +14,8 @@ or of another N / K):
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from diffalign.eval.sampler_bench import bench_samplers, format_table
+from diffalign.eval.sampler_bench import bench_samplers, report
 from diffalign.models.registry import load_model
 
 
@@ -42,11 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = dict(item.rsplit("=", 1) for item in args.ems)
     records = bench_samplers(load_model(args.model), ["dpm-solver-v3"], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, variants=variants(sets))
-    print(f"{args.model}, guidance {args.guidance:g}")
-    print(format_table(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=2))
-        print(f"wrote {args.json}")
+    report(records, args.json, title=f"{args.model}, guidance {args.guidance:g}")
 
 
 if __name__ == "__main__":

@@ -34,17 +34,14 @@ def _sample(args) -> None:
 
 
 def _bench(args) -> None:
-    from .eval.sampler_bench import bench_samplers, format_table
+    from .eval.sampler_bench import bench_samplers, report
     from .models.registry import load_model
 
     named = load_model(args.model, device=args.device)
     records = bench_samplers(named, [s for s in args.samplers.split(",") if s], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, seed=args.seed, device=args.device,
                              progress=not args.quiet)
-    print(format_table(records))
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=2))
-        print(f"wrote {args.json}")
+    report(records, args.json)
 
 
 def _calibrate_dc(args) -> None:

@@ -8,8 +8,10 @@ it is a 500-step DPM-Solver++(3M) solution in float64.
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -125,6 +127,16 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
         records.append(BenchRecord(label, len(sched.timesteps), guidance, mse, seconds,
                                    1e6 * timer.seconds / max(timer.calls, 1)))
     return records
+
+
+def report(records: list[BenchRecord], json_path: str | None = None, title: str | None = None) -> None:
+    """Print ``title`` and :func:`format_table`, and write the records as JSON to ``json_path`` when given."""
+    if title:
+        print(title)
+    print(format_table(records))
+    if json_path:
+        Path(json_path).write_text(json.dumps([r.to_dict() for r in records], indent=2))
+        print(f"wrote {json_path}")
 
 
 def format_table(records: list[BenchRecord]) -> str:

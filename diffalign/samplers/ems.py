@@ -411,10 +411,10 @@ def load_official_ems(directory: str | Path, scheduler_config: Mapping, *, guida
     lam_T, lam_0 = schedule_lambda_range(config)
     meta = {"format": FORMAT, "version": VERSION, "model": model, "guidance": float(guidance),
             "source": f"official layout: {directory}", "sample_shape": list(arrays["l"].shape[1:]),
-            "num_points": n - 1, "schedule": schedule_signature(config), "lambda_T": lam_T, "lambda_0": lam_0}
-    meta["path"] = str(directory)
+            "num_points": n - 1, "schedule": schedule_signature(config), "lambda_T": lam_T, "lambda_0": lam_0,
+            "path": str(directory)}  # names the files in validation errors; not part of the header
     ems = EMS(arrays["l"], arrays["s"], arrays["b"], torch.linspace(lam_T, lam_0, n, dtype=torch.float64), meta)
-    del ems.meta["path"]
+    ems.meta.pop("path")
     return ems
 
 
