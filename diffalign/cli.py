@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--network", choices=["guided", "unconditional"], default="guided",
                     help="guided EMS: differentiate the guided eps, or the unconditional eps at the guided "
                          "datapoints (the paper's Stable Diffusion recipe; half the cost)")
-    ec.add_argument("--derivatives", choices=["jvp", "fd"], default="jvp",
-                    help="directional derivatives by forward-mode AD, or by central differences (about 2x faster)")
+    ec.add_argument("--derivatives", choices=["jvp", "fd", "grid"], default="jvp",
+                    help="directional derivatives by forward-mode AD, by central differences (about 2x faster), or "
+                         "by central differences over one grid cell in time (for discrete-time UNets)")
     ec.add_argument("--num-probes", type=int, default=1, help="Rademacher probes per datapoint for l")
     ec.add_argument("--batch-size", type=int, default=256, help="datapoints per JVP (memory bound)")
     ec.add_argument("--out", required=True, help="output directory (partial results there are resumed)")

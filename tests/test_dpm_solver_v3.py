@@ -485,6 +485,36 @@ def test_finite_difference_derivatives_agree_with_jvps_far_below_the_monte_carlo
         compute_model_ems(named, 16, 4, derivatives="complex-step", progress=False)
 
 
+def test_grid_derivatives_do_not_alias_a_fast_time_wiggle_into_b():
+    """A model term sin(t) (period ~6 timesteps, like a UNet's fastest time-embedding sinusoid) is sampled at
+    arbitrary phases by a grid whose cells span ~24-48 timesteps: its exact derivative aliases into b, while
+    differences over one grid cell telescope in the integral of b, which is what the solver uses."""
+    x0 = MODEL.denoiser.data[:16].clone()
+    smooth = reference_eps(True)
+
+    def wiggly(x, t):
+        return smooth(x, t) + 1e-3 * torch.sin(t).reshape(-1, 1, 1, 1)
+
+    kw = {"progress": False, "batch_size": 16}
+
+    def integral_of_b(ems):
+        b = ems.b.flatten(1)
+        return torch.cumsum((b[1:] + b[:-1]) / 2, 0) * (ems.lambdas[1] - ems.lambdas[0])
+
+    def wiggle_effect(derivatives):
+        with_wiggle = compute_ems(wiggly, x0, {}, 40, derivatives=derivatives, **kw)
+        without = compute_ems(smooth, x0, {}, 40, derivatives=derivatives, **kw)
+        return float((integral_of_b(with_wiggle) - integral_of_b(without)).abs().max()), with_wiggle
+
+    by_jvp, _ = wiggle_effect("jvp")
+    by_grid, ems = wiggle_effect("grid")
+    assert by_grid < 0.05 * by_jvp, (by_grid, by_jvp)
+    half_cell = float(ems.lambdas[1] - ems.lambdas[0]) / 2
+    assert ems.meta["derivatives"] == "grid" and ems.meta["fd_steps"] == [1e-4, pytest.approx(half_cell)]
+    with pytest.raises(ValueError, match="fd_lambda_step"):
+        compute_ems(smooth, x0, {}, 4, derivatives="grid", fd_lambda_step=1e-3, **kw)
+
+
 def test_a_directory_with_only_guided_ems_warns_when_the_guidance_is_unknown(tmp_path, digits_ems, caplog):
     unguided = load_ems(digits_ems[0])
     EMS(unguided.l, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5}).save(

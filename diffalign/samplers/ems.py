@@ -23,6 +23,16 @@ lambda (i.e. as easy to extrapolate) as possible:
   the authors' EMS script for ScoreSDE (+-5 points of a grid with spacing ~0.01; here +-0.05 in lambda: the same
   on fine grids, no smoothing on coarse ones, where +-5 points would span a large part of the range).
 
+**Derivatives at the grid's resolution** (``derivatives="grid"``, not in the paper). The EMS enter the solver
+only through trapezoid integrals over the grid (L, S, B, C). With eps' taken by central differences along the ODE
+over one grid cell (lambda +- half the grid spacing), the integral of f' over grid cells telescopes to the change
+of f, whatever the model does between grid points. Discrete-time UNets vary in their time input on the scale of a
+few training timesteps (the fastest sinusoid of the time embedding has a period of ~6 steps), and at high noise one
+cell of a coarse grid spans several timesteps (dt/dlambda ~ -100 near t = T for DDPM's linear betas): an exact
+derivative (JVP) samples that wiggle at arbitrary phases and aliases it into b, whose integral then drifts far from
+the change the sampler sees. On builtin:fashion the JVP b at the noisy end jumps between ~0.5 and ~6 from one grid
+point to the next (mean |b|), with grid differences ~1 (README, Findings).
+
 Two safeguards not in the paper (both vanish as K -> infinity; see :func:`regression`): elements whose f varies
 by less than 1e-4 of its magnitude get s = 0, and other slopes are shrunk toward 0 by their standard error. On the
 digits model, pixels that are background in almost every digit otherwise get |s| ~ 1e2-1e4 from sampling noise
@@ -589,12 +599,13 @@ def compute_ems(
         chunk_points: grid points per chunk between partial saves (default: N / 20).
         shrink: shrink each element's regression slope s toward 0 by its standard error (see :func:`regression`);
             False gives the paper's plain least-squares slope.
-        derivatives: ``"jvp"`` (forward-mode AD, as the paper) or ``"fd"``: central differences, 2 model
+        derivatives: ``"jvp"`` (forward-mode AD, as the paper), ``"fd"``: central differences, 2 model
             evaluations per directional derivative instead of a JVP (~5x a forward pass on the built-in UNets), so
             about twice as fast overall; steps (float32 / float64 models) 1e-2 / 1e-4 in x along the probe and 1e-3 /
             1e-4 in lambda along the ODE; the derivatives agree with the JVPs to <1% on the built-in models, far
-            below the Monte-Carlo error of K datapoints.
-        fd_lambda_step: the lambda step of the finite differences in time (default above).
+            below the Monte-Carlo error of K datapoints; or ``"grid"``: as ``"fd"`` but the lambda step along the
+            ODE is half the grid spacing (see the module docstring), for models trained at discrete timesteps.
+        fd_lambda_step: the lambda step of the finite differences in time for ``"fd"`` (default above).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -603,8 +614,10 @@ def compute_ems(
     from tqdm.auto import tqdm
 
     jvp = _JVP()
-    if derivatives not in ("jvp", "fd"):
-        raise ValueError(f"derivatives={derivatives!r} must be 'jvp' or 'fd'.")
+    if derivatives not in ("jvp", "fd", "grid"):
+        raise ValueError(f"derivatives={derivatives!r} must be 'jvp', 'fd' or 'grid'.")
+    if derivatives != "fd" and fd_lambda_step is not None:
+        raise ValueError(f"fd_lambda_step applies to derivatives='fd' only (derivatives={derivatives!r}).")
     if time_derivative not in ("auto", "jvp", "fd"):
         raise ValueError(f"time_derivative={time_derivative!r} must be 'auto', 'jvp' or 'fd'.")
     if num_points < 2 or int(num_points) != num_points:
@@ -630,6 +643,8 @@ def compute_ems(
     delta_x, delta = (1e-4, 1e-4) if dtype == torch.float64 else (1e-2, 1e-3)
     if fd_lambda_step is not None:
         delta = float(fd_lambda_step)
+    if derivatives == "grid":
+        delta = abs(float(lambdas[1] - lambdas[0])) / 2
     call = _Caller(eps_fn, labels)
     header = {
         "format": FORMAT, "version": VERSION, **dict(meta or {}),
@@ -637,8 +652,9 @@ def compute_ems(
         "seed": int(seed), "smooth_window": smooth_window, "schedule": schedule_signature(config),
         "lambda_T": float(lam_T), "lambda_0": float(lam_0), "data_sha1": _fingerprint(data_x0, labels),
     }
-    if derivatives == "fd":
-        header.update(derivatives="fd", fd_steps=[delta_x, delta])
+    finite = derivatives in ("fd", "grid")
+    if finite:
+        header.update(derivatives=derivatives, fd_steps=[delta_x, delta])
     chunk = max(1, int(chunk_points) if chunk_points else math.ceil((n + 1) / 20))
     out_dir = Path(out) if out is not None else None
     # phase 2 accumulates moments of f - c, f' - c' with per-point shifts c (the first batch's means): f can be
@@ -687,7 +703,7 @@ def compute_ems(
                 x = alpha * data_x0[rows] + sigma * z
                 tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
                 for v in probes:
-                    if derivatives == "fd":
+                    if finite:
                         with torch.no_grad():
                             jv = (call(x + delta_x * v, tt, rows) - call(x - delta_x * v, tt, rows)) / (2 * delta_x)
                     else:
@@ -706,7 +722,7 @@ def compute_ems(
     l_prime = smoothed_derivative(l_all, lambdas, smooth_window)
 
     # ---- phase 2: regression statistics of f' on f
-    if derivatives == "fd":
+    if finite:
         state["time_derivative"] = "fd"
     if state["time_derivative"] == "auto":
         rows = slice(0, min(4, k_data))
@@ -733,7 +749,7 @@ def compute_ems(
             with torch.no_grad():
                 eps = call(x, tt, rows)
             vx = dlog_alpha * x - sigma * eps
-            if derivatives == "fd":  # along the ODE: x and lambda together
+            if finite:  # along the ODE: x and lambda together
                 with torch.no_grad():
                     t_hi = torch.full_like(tt, sched.time(lam + delta))
                     t_lo = torch.full_like(tt, sched.time(lam - delta))
