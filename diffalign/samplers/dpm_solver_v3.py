@@ -238,7 +238,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         guidance_scale: the guidance scale the sampler is used at, when known (diffalign's sampling and benchmark
             pass it). EMS are guidance-specific: on the closed-form digits model, unguided EMS used at guidance
             7.5 diverge (MSE ~30 at NFE 5). When no set under ``ems_path`` was computed at this guidance the
-            scheduler warns and uses the degenerated statistics instead.
+            scheduler warns and runs as with ``degenerated=True`` and no ``ems_path``.
         Shared schedule parameters: :data:`diffalign.samplers.base.SCHEDULE_DEFAULTS`.
     """
 
@@ -284,7 +284,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
                            "statistics (l=1, s=0, b=0) instead -- compute EMS at this guidance with `diffalign ems "
                            "compute --guidance %g --datapoints samples ...`.", file, ems_guidance, guidance_scale,
                            guidance_scale)
-                self._integrals = _DegenerateIntegrals()
+                self._ems, self._integrals = None, _DegenerateIntegrals()  # as without ems_path: no snapping
             elif (guidance_scale is None and ems_guidance is not None and Path(os.fspath(ems_path)).is_dir()
                     and not math.isclose(float(ems_guidance), 1.0)):
                 _warn_once("%s holds no unguided EMS; using the set computed at guidance %g -- pass guidance_scale "
