@@ -11,12 +11,14 @@ import functools
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
 
+import diffalign.models
 from diffalign.cli import main
 from diffalign.models import digits_reference_model, solve_reference
 from diffalign.models.registry import load_model
@@ -39,6 +41,7 @@ from diffalign.samplers.ems import (
     schedule_lambda_range,
     select_ems_file,
 )
+from diffalign.sampling import sample_images
 
 MODEL = digits_reference_model(prediction_type="epsilon")
 X_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -521,3 +524,30 @@ def test_a_directory_with_only_guided_ems_warns_when_the_guidance_is_unknown(tmp
     with caplog.at_level("WARNING", logger="diffalign.samplers.dpm_solver_v3"):
         DPMSolverV3Scheduler(ems_path=str(tmp_path / "model"))
     assert "holds no unguided EMS" in caplog.text and "guidance 7.5" in caplog.text
+
+
+SHIPPED_EMS = sorted(p.parent for p in (Path(diffalign.models.__file__).parent / "ems").glob("**/ems.safetensors"))
+
+
+@pytest.mark.parametrize("directory", SHIPPED_EMS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_ems_are_used_by_their_model_out_of_the_box(directory):
+    """Each shipped set matches its model (name, sample shape, schedule) and is what ``dpm-solver-v3`` samples with
+    at that set's guidance: not the degenerated fallback, and close to it (both approximate the same ODE)."""
+    model_dir = directory if directory.parent.name == "ems" else directory.parent
+    ems = load_ems(directory)
+    named = load_model(ems.meta["model"])
+    assert model_dir.name == named.name.replace(":", "_")
+    assert ems.sample_shape == tuple(named.sample_shape)
+    guidance = float(ems.meta.get("guidance", 1.0))
+    label = 1 if guidance != 1.0 else None
+    kw = {"num_images": 2, "label": label, "guidance": guidance, "progress": False}
+    with_ems = sample_images(named, "dpm-solver-v3", 8, **kw)
+    plain = dict(named.sampler_overrides)
+    named.sampler_overrides = {**plain, "dpm-solver-v3": {"degenerated": True}}
+    try:
+        degenerated = sample_images(named, "dpm-solver-v3", 8, **kw)
+    finally:
+        named.sampler_overrides = plain
+    assert torch.isfinite(with_ems).all()
+    diff = (with_ems - degenerated).abs().mean().item()
+    assert 1e-4 < diff < 0.1, diff
