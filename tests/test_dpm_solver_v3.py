@@ -163,6 +163,7 @@ def test_time_derivative_by_jvp_and_by_finite_differences_agree():
     by_jvp = compute_ems(reference_eps(True), x0, {}, 8, **kw)
     auto = compute_ems(reference_eps(False), x0, {}, 8, **kw)  # t detached: detected, central differences
     assert by_jvp.meta["time_derivative"] == "jvp" and auto.meta["time_derivative"] == "fd"
+    assert auto.meta["fd_time_step"] == 1e-4  # in the header, so a resume with another step is refused
     torch.testing.assert_close(auto.l, by_jvp.l, rtol=0, atol=0)
     torch.testing.assert_close(auto.s, by_jvp.s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(auto.b, by_jvp.b, rtol=1e-5, atol=1e-5)

@@ -655,6 +655,8 @@ def compute_ems(
     finite = derivatives in ("fd", "grid")
     if finite:
         header.update(derivatives=derivatives, fd_steps=[delta_x, delta])
+    else:  # the lambda step of the time-derivative fallback (models whose time input carries no tangent)
+        header.update(fd_time_step=delta)
     chunk = max(1, int(chunk_points) if chunk_points else math.ceil((n + 1) / 20))
     out_dir = Path(out) if out is not None else None
     # phase 2 accumulates moments of f - c, f' - c' with per-point shifts c (the first batch's means): f can be
