@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--guidance", type=float, default=1.0, help="guided EMS (labels from the datapoints) when != 1")
     ec.add_argument("--num-datapoints", type=int, default=1024, help="K: datapoints per grid point")
     ec.add_argument("--grid", type=int, default=1000, help="N: N + 1 points uniform in lambda")
-    ec.add_argument("--datapoints", choices=["data", "samples"], default="data",
-                    help="the model's data set, or samples of the model at --guidance (50-step DPM-Solver++)")
+    ec.add_argument("--datapoints", choices=["data", "samples", "trajectories"], default="data",
+                    help="the model's data set or samples of the model at --guidance (50-step DPM-Solver++), "
+                         "forward-noised; or the states of the model's ODE at --guidance at each grid point")
     ec.add_argument("--network", choices=["guided", "unconditional"], default="guided",
                     help="guided EMS: differentiate the guided eps, or the unconditional eps at the guided "
                          "datapoints (the paper's Stable Diffusion recipe; half the cost)")

@@ -34,10 +34,14 @@ from diffalign.samplers import (
 from diffalign.samplers.dpm_solver_v3 import _cumtrapz
 from diffalign.samplers.ems import (
     EMS,
+    TRAJECTORY_FILE,
     compute_ems,
     compute_model_ems,
+    ems_lambdas,
     load_ems,
     load_official_ems,
+    model_eps_fn,
+    model_trajectories,
     save_official_ems,
     schedule_lambda_range,
     select_ems_file,
@@ -552,3 +556,37 @@ def test_shipped_ems_are_used_by_their_model_out_of_the_box(directory):
     assert torch.isfinite(with_ems).all()
     diff = (with_ems - degenerated).abs().mean().item()
     assert 1e-4 < diff < 0.1, diff
+
+
+def test_trajectories_follow_the_exact_guided_ode_with_second_order_error():
+    named = load_model("reference:digits")
+    lambdas = ems_lambdas(named.scheduler_config, 10)
+    sigma = [math.exp(-float(lam)) for lam in lambdas]
+
+    def error(substeps):
+        states, labels = model_trajectories(named, 3, lambdas, 3.0, progress=False, substeps=substeps)
+        assert states.shape == (11, 3, 1, 8, 8) and labels.tolist() == [0, 1, 2]
+        exact = {j: solve_reference(named.model, states[0], sigma[0], sigma[j], labels, 3.0) for j in (5, 10)}
+        return max(float((states[j] - e).abs().max()) for j, e in exact.items())
+
+    coarse, fine = error(2), error(8)
+    assert fine < 1e-2
+    assert coarse / fine > 16 * 0.6, (coarse, fine)  # 4x the steps: ~16x smaller (second order)
+
+
+def test_ems_from_trajectories(tmp_path):
+    named = load_model("reference:digits")
+    kw = dict(guidance=3.0, progress=False, out=tmp_path)
+    ems = compute_model_ems(named, 8, 4, datapoints="trajectories", **kw)
+    assert ems.meta["datapoints"] == "trajectories" and ems.meta["guidance"] == 3.0
+    assert not (tmp_path / TRAJECTORY_FILE).exists()  # removed with the partial sums
+    states, labels = model_trajectories(named, 8, ems.lambdas, 3.0, progress=False)
+    eps_fn, config = model_eps_fn(named, 3.0), named.scheduler_config
+    again = compute_ems(eps_fn, states[-1], config, 4, labels=labels, trajectories=states, progress=False)
+    assert torch.allclose(again.l, ems.l) and torch.allclose(again.s, ems.s)  # the states are what is averaged
+    samples = compute_model_ems(named, 8, 4, datapoints="samples", guidance=3.0, progress=False)
+    assert not torch.allclose(samples.s, ems.s)
+    with pytest.raises(ValueError, match=r"trajectories must have shape \[N \+ 1, K"):
+        compute_ems(eps_fn, states[-1], config, 5, labels=labels, trajectories=states, progress=False)
+    with pytest.raises(ValueError, match="datapoints"):
+        compute_model_ems(named, 8, 4, datapoints="paths", progress=False)

@@ -89,6 +89,7 @@ __all__ = [
     "load_ems",
     "load_official_ems",
     "model_eps_fn",
+    "model_trajectories",
     "save_official_ems",
     "schedule_lambda_range",
 ]
@@ -188,6 +189,13 @@ class Schedule:
 def schedule_lambda_range(scheduler_config: Mapping | None) -> tuple[float, float]:
     """(lambda_T, lambda_0): the default EMS lambda range of a scheduler config (see the module docstring)."""
     return Schedule.from_config(scheduler_config).lambda_range
+
+
+def ems_lambdas(scheduler_config: Mapping | None, num_points: int,
+                lambda_range: tuple[float, float] | None = None) -> Tensor:
+    """The N + 1 grid lambdas (float64, uniform from lambda_T to lambda_0) of EMS for a scheduler config."""
+    lam_T, lam_0 = lambda_range if lambda_range is not None else schedule_lambda_range(scheduler_config)
+    return torch.linspace(lam_T, lam_0, int(num_points) + 1, dtype=torch.float64)
 
 
 def schedule_signature(config: Mapping) -> dict:
@@ -574,6 +582,7 @@ def compute_ems(
     shrink: bool = True,
     derivatives: str = "jvp",
     fd_lambda_step: float | None = None,
+    trajectories: Tensor | None = None,
     progress: bool = True,
 ) -> EMS:
     """Estimate DPM-Solver-v3's EMS of a noise-prediction model (see the module docstring for the maths).
@@ -606,6 +615,9 @@ def compute_ems(
             below the Monte-Carlo error of K datapoints; or ``"grid"``: as ``"fd"`` but the lambda step along the
             ODE is half the grid spacing (see the module docstring), for models trained at discrete timesteps.
         fd_lambda_step: the lambda step of the finite differences in time for ``"fd"`` (default above).
+        trajectories: states [N + 1, K, C, H, W] of K solutions of the sampled ODE at the grid points
+            (:func:`model_trajectories`); they replace the forward-noised ``alpha x0 + sigma z``, whose marginals
+            are not those of a guided ODE (``data_x0`` then only gives K and the shape).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -628,11 +640,14 @@ def compute_ems(
         raise ValueError("num_probes and batch_size must be >= 1.")
     if labels is not None and len(labels) != len(data_x0):
         raise ValueError(f"labels has {len(labels)} entries for {len(data_x0)} datapoints.")
+    if trajectories is not None and tuple(trajectories.shape) != (int(num_points) + 1, *data_x0.shape):
+        raise ValueError(f"trajectories must have shape [N + 1, K, ...] = {[int(num_points) + 1, *data_x0.shape]}, "
+                         f"got {list(trajectories.shape)}; compute them on the same grid (model_trajectories).")
     config = dict(scheduler_config or {})
     sched = Schedule.from_config(config)
-    lam_T, lam_0 = lambda_range if lambda_range is not None else sched.lambda_range
+    lambdas = ems_lambdas(config, num_points, lambda_range)
+    lam_T, lam_0 = float(lambdas[0]), float(lambdas[-1])
     n = int(num_points)
-    lambdas = torch.linspace(lam_T, lam_0, n + 1, dtype=torch.float64)
     smooth_window = int(round(smooth_lambda / abs(float(lambdas[1] - lambdas[0]))))
     k_data = data_x0.shape[0]
     shape = tuple(data_x0.shape[1:])
@@ -650,7 +665,8 @@ def compute_ems(
         "format": FORMAT, "version": VERSION, **dict(meta or {}),
         "sample_shape": list(shape), "num_points": n, "num_datapoints": k_data, "num_probes": int(num_probes),
         "seed": int(seed), "smooth_window": smooth_window, "schedule": schedule_signature(config),
-        "lambda_T": float(lam_T), "lambda_0": float(lam_0), "data_sha1": _fingerprint(data_x0, labels),
+        "lambda_T": float(lam_T), "lambda_0": float(lam_0),
+        "data_sha1": _fingerprint(data_x0 if trajectories is None else trajectories, labels),
     }
     finite = derivatives in ("fd", "grid")
     if finite:
@@ -685,6 +701,11 @@ def compute_ems(
     done = (0 if state["phase"] == "l" else n + 1) + state["next"]
     bar = tqdm(total=2 * (n + 1), initial=done, desc="EMS", disable=not progress, unit="pt")
 
+    def x_at(j: int, rows: slice, z: Tensor, alpha: float, sigma: float) -> Tensor:
+        if trajectories is None:
+            return alpha * data_x0[rows] + sigma * z
+        return trajectories[j, rows].to(device=device, dtype=dtype)
+
     def noise(tag: int, j: int, rows: slice, kind: str) -> Tensor:
         gen = torch.Generator().manual_seed(_seed(seed, tag, j, rows.start))
         z = torch.randn((rows.stop - rows.start, *shape), generator=gen, dtype=torch.float64)
@@ -702,7 +723,7 @@ def compute_ems(
             acc = torch.zeros(shape, dtype=torch.float64, device=device)
             for rows in batches:
                 z, probes = noise(0, j, rows, "both")
-                x = alpha * data_x0[rows] + sigma * z
+                x = x_at(j, rows, z, alpha, sigma)
                 tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
                 for v in probes:
                     if finite:
@@ -730,7 +751,7 @@ def compute_ems(
         rows = slice(0, min(4, k_data))
         lam_mid = float(lambdas[n // 2])
         alpha, sigma = sched.alpha_sigma(lam_mid)
-        x = alpha * data_x0[rows] + sigma * noise(2, n // 2, rows, "z")
+        x = x_at(n // 2, rows, noise(2, n // 2, rows, "z"), alpha, sigma)
         state["time_derivative"] = "jvp" if _time_tangent_works(call, jvp, x, sched.time(lam_mid), rows) else "fd"
         if state["time_derivative"] == "fd":
             logger.info("eps_fn does not propagate a tangent through its time input; its time derivative is "
@@ -745,8 +766,7 @@ def compute_ems(
         ld_j = l_prime[j].to(device)
         acc = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in names[1:]}
         for rows in batches:
-            z = noise(1, j, rows, "z")
-            x = alpha * data_x0[rows] + sigma * z
+            x = x_at(j, rows, noise(1, j, rows, "z"), alpha, sigma)
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
             with torch.no_grad():
                 eps = call(x, tt, rows)
@@ -945,6 +965,58 @@ def _model_samples(named_model, k: int, guidance: float, gen: torch.Generator, d
     return torch.cat(out), labels
 
 
+def model_trajectories(named_model, num_datapoints: int, lambdas: Tensor, guidance: float = 1.0, seed: int = 0,
+                       device: str | torch.device = "cpu", progress: bool = True, substeps: int = 2,
+                       batch: int = 256) -> tuple[Tensor, Tensor | None]:
+    """(states, labels): K solutions of the model's ODE at ``guidance`` (the one the sampler integrates), recorded
+    at every lambda of the EMS grid: states [N + 1, K, C, H, W] in the model's dtype, from x ~ N(0, I) at
+    lambda_T.
+
+    Each grid cell is split into ``substeps`` equal lambda steps of DPM-Solver++(2M) (data prediction,
+    exponential integrator in lambda; Lu et al. 2022, Alg. 2), evaluated at continuous model times. Labels cycle
+    over the classes when guided, as for ``kind="samples"`` in :func:`model_datapoints`.
+    """
+    from tqdm.auto import tqdm
+
+    if substeps < 1:
+        raise ValueError(f"substeps must be >= 1, got {substeps}.")
+    k = int(num_datapoints)
+    if k < 2:
+        raise ValueError(f"num_datapoints must be >= 2, got {k}.")
+    sched = Schedule.from_config(named_model.scheduler_config)
+    eps_fn = model_eps_fn(named_model, guidance)
+    gen = torch.Generator().manual_seed(_seed(seed, 8))
+    labels = torch.arange(k) % len(named_model.class_names) if guidance != 1.0 else None
+    lam = lambdas.double()
+    fine = torch.cat([torch.linspace(float(lam[i]), float(lam[i + 1]), substeps + 1, dtype=torch.float64)[:-1]
+                      for i in range(len(lam) - 1)] + [lam[-1:]]).tolist()
+    dtype = named_model.dtype
+    x_all = torch.randn((k, *named_model.sample_shape), generator=gen, dtype=torch.float64)
+    states = torch.empty((len(lam), k, *named_model.sample_shape), dtype=dtype)
+    bar = tqdm(total=math.ceil(k / batch) * (len(fine) - 1), desc="trajectories", disable=not progress, unit="step")
+    for start in range(0, k, batch):
+        rows = slice(start, min(start + batch, k))
+        x = x_all[rows].to(device)
+        lab = None if labels is None else labels[rows].to(device)
+        states[0, rows] = x.to("cpu", dtype)
+        x0_prev, h_prev = None, None
+        for i in range(len(fine) - 1):
+            (a_s, s_s), (a_t, s_t) = sched.alpha_sigma(fine[i]), sched.alpha_sigma(fine[i + 1])
+            h = fine[i + 1] - fine[i]
+            tt = torch.full((x.shape[0],), sched.time(fine[i]), dtype=dtype, device=device)
+            with torch.no_grad():
+                eps = eps_fn(x.to(dtype), tt, lab).double()
+            x0 = (x - s_s * eps) / a_s
+            d = x0 if x0_prev is None else x0 + h / (2 * h_prev) * (x0 - x0_prev)
+            x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+            if (i + 1) % substeps == 0:
+                states[(i + 1) // substeps, rows] = x.to("cpu", dtype)
+            bar.update(1)
+    bar.close()
+    return states, labels
+
+
 def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guidance: float = 1.0,
                       datapoints: str = "data", out: str | Path | None = None, seed: int = 0,
                       device: str | torch.device = "cpu", num_probes: int = 1, batch_size: int = 256,
@@ -955,14 +1027,56 @@ def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guid
     For guided EMS (``guidance != 1``), ``network="guided"`` differentiates the classifier-free-guided eps that
     the sampler integrates; ``network="unconditional"`` differentiates the unconditional eps at the same
     datapoints (the paper's choice for Stable Diffusion, App. J.2; half the cost).
+    ``datapoints``: ``"data"`` / ``"samples"`` (forward-noised, :func:`model_datapoints`) or ``"trajectories"``
+    (states along the ODE itself, :func:`model_trajectories`).
     """
+    if datapoints not in ("data", "samples", "trajectories"):
+        raise ValueError(f"datapoints={datapoints!r} must be 'data', 'samples' or 'trajectories'.")
     if network not in ("guided", "unconditional"):
         raise ValueError(f"network must be 'guided' or 'unconditional', got {network!r}.")
-    x0, labels = model_datapoints(named_model, num_datapoints, datapoints, guidance, seed, device, progress)
+    trajectories = None
+    if datapoints == "trajectories":
+        trajectories, labels = _cached_trajectories(named_model, num_datapoints, num_points, guidance, seed, device,
+                                                    progress, out)
+        x0 = trajectories[-1].to(device)
+        labels = None if labels is None else labels.to(device)
+    else:
+        x0, labels = model_datapoints(named_model, num_datapoints, datapoints, guidance, seed, device, progress)
     meta = {"model": named_model.name, "guidance": float(guidance), "datapoints": datapoints}
     if network == "unconditional" and guidance != 1.0:
         meta["network"] = network
         labels, guidance = None, 1.0
-    return compute_ems(model_eps_fn(named_model, guidance), x0, named_model.scheduler_config, num_points,
-                       labels=labels, num_probes=num_probes, batch_size=batch_size, seed=seed, out=out, meta=meta,
-                       derivatives=derivatives, fd_lambda_step=fd_lambda_step, progress=progress)
+    ems = compute_ems(model_eps_fn(named_model, guidance), x0, named_model.scheduler_config, num_points,
+                      labels=labels, num_probes=num_probes, batch_size=batch_size, seed=seed, out=out, meta=meta,
+                      derivatives=derivatives, fd_lambda_step=fd_lambda_step, trajectories=trajectories,
+                      progress=progress)
+    if out is not None:
+        (Path(out) / TRAJECTORY_FILE).unlink(missing_ok=True)
+    return ems
+
+
+TRAJECTORY_FILE = "trajectories.safetensors"
+
+
+def _cached_trajectories(named_model, k: int, n: int, guidance: float, seed: int, device, progress: bool,
+                         out: str | Path | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`model_trajectories` on the EMS grid, saved next to the partial sums so that a resumed computation
+    reuses them (removed with them once the EMS are written)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps({"model": named_model.name, "k": k, "n": n, "guidance": float(guidance), "seed": seed})
+    file = Path(out) / TRAJECTORY_FILE if out is not None else None
+    if file is not None and file.is_file():
+        with safe_open(str(file), "pt") as fh:
+            same = (fh.metadata() or {}).get("key") == key
+        if same:
+            saved = load_file(str(file))
+            return saved["states"], saved.get("labels")
+    states, labels = model_trajectories(named_model, k, ems_lambdas(named_model.scheduler_config, n), guidance,
+                                        seed, device, progress)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"states": states.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()})
+        save_file(tensors, str(file), metadata={"key": key})
+    return states, labels
