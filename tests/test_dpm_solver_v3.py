@@ -293,7 +293,7 @@ def test_a_directory_of_ems_sets_is_chosen_by_guidance(tmp_path, digits_ems):
     assert torch.equal(at_3, sample(DPMSolverV3Scheduler(degenerated=True, guidance_scale=3.0), MODEL, X_T, 8))
 
 
-def test_corrector_is_off_by_default_only_with_degenerated_statistics_at_large_guidance(tmp_path, digits_ems):
+def test_corrector_is_off_by_default_at_large_guidance_as_the_authors_stable_diffusion_sampler(tmp_path, digits_ems):
     path = str(digits_ems[0])
     assert DPMSolverV3Scheduler(ems_path=path)._corrector_on()
     assert DPMSolverV3Scheduler(degenerated=True, guidance_scale=3.0)._corrector_on()
@@ -302,7 +302,8 @@ def test_corrector_is_off_by_default_only_with_degenerated_statistics_at_large_g
     assert DPMSolverV3Scheduler(ems_path=path, guidance_scale=7.5, use_corrector=True)._corrector_on()
     unguided = load_ems(digits_ems[0])
     EMS(unguided.l, unguided.s, unguided.b, unguided.lambdas, {**unguided.meta, "guidance": 7.5}).save(tmp_path / "g")
-    assert DPMSolverV3Scheduler(ems_path=str(tmp_path / "g"), guidance_scale=7.5)._corrector_on()
+    assert not DPMSolverV3Scheduler(ems_path=str(tmp_path / "g"), guidance_scale=7.5)._corrector_on()
+    assert DPMSolverV3Scheduler(ems_path=str(tmp_path / "g"), guidance_scale=7.5, use_corrector=True)._corrector_on()
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -590,3 +591,28 @@ def test_ems_from_trajectories(tmp_path):
         compute_ems(eps_fn, states[-1], config, 5, labels=labels, trajectories=states, progress=False)
     with pytest.raises(ValueError, match="datapoints"):
         compute_model_ems(named, 8, 4, datapoints="paths", progress=False)
+
+
+def test_trajectories_are_kept_for_a_resumed_computation(tmp_path, monkeypatch):
+    import diffalign.samplers.ems as ems_module
+
+    named = load_model("reference:digits")
+    kw = dict(guidance=3.0, datapoints="trajectories", out=tmp_path, progress=False)
+    solves = []
+    solve, compute = ems_module.model_trajectories, ems_module.compute_ems
+    monkeypatch.setattr(ems_module, "model_trajectories", lambda *a, **k: solves.append(1) or solve(*a, **k))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ems_module, "compute_ems", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_model_ems(named, 8, 4, **kw)
+    assert (tmp_path / TRAJECTORY_FILE).is_file() and len(solves) == 1
+    with pytest.raises(KeyboardInterrupt):  # other settings: solved again
+        compute_model_ems(named, 8, 4, **{**kw, "guidance": 2.0})
+    assert len(solves) == 2
+    monkeypatch.setattr(ems_module, "compute_ems", compute)
+    ems = compute_model_ems(named, 8, 4, **{**kw, "guidance": 2.0})
+    assert len(solves) == 2 and ems.meta["trajectory_seconds"] > 0
+    assert not (tmp_path / TRAJECTORY_FILE).exists()

@@ -226,11 +226,11 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             the grid is still snapped to the EMS grid (for ablations on the same grid).
         solver_order: predictor order 1, 2 or 3 (the authors: 3 unconditional, 2 guided).
         predictor_pseudo: pseudo-order predictor (divided differences; the authors use it only at NFE 5).
-        use_corrector: apply the corrector (no extra model evaluation). ``None`` (default): on, except with
-            degenerated statistics at ``guidance_scale`` >= 5, where it destabilises sampling as UniPC's does (digits
-            model, guidance 7.5, NFE 5: MSE 1.03 with it, 5.9e-2 without). With EMS computed at the guidance in use
-            it helps at every NFE 5-20 on both digits models (see README). The authors' pixel-space scripts keep it
-            on (guided-diffusion; EDM at <= 6 steps), their latent Stable Diffusion sampler off.
+        use_corrector: apply the corrector (no extra model evaluation). ``None`` (default): on, except at
+            ``guidance_scale`` >= 5, as in the authors' Stable Diffusion sampler (``use_corrector = scale < 5``;
+            their pixel-space scripts keep it on). At large guidance it destabilises degenerated statistics as
+            UniPC's does (digits model, guidance 7.5, NFE 5: MSE 1.03 with it, 5.9e-2 without) and, with guided EMS
+            on builtin:fashion, doubles the error at NFE 8 (README, Findings).
         corrector_pseudo: corrector of order predictor + 1 with pseudo-order derivatives (the authors' default);
             otherwise a corrector of the predictor's order with exact derivatives.
         lower_order_final: lower the order of the last steps (diffusers' rule, see the module docstring).
@@ -282,7 +282,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
                     and not math.isclose(float(guidance_scale), float(ems_guidance))):
                 _warn_once("the EMS at %s were computed at guidance %g, not %g; DPM-Solver-v3 uses the degenerated "
                            "statistics (l=1, s=0, b=0) instead -- compute EMS at this guidance with `diffalign ems "
-                           "compute --guidance %g --datapoints samples ...`.", file, ems_guidance, guidance_scale,
+                           "compute --guidance %g --datapoints trajectories ...`.", file, ems_guidance, guidance_scale,
                            guidance_scale)
                 self._ems, self._integrals = None, _DegenerateIntegrals()  # as without ems_path: no snapping
             elif (guidance_scale is None and ems_guidance is not None and Path(os.fspath(ems_path)).is_dir()
@@ -384,8 +384,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         c = self.config
         if c.use_corrector is not None:
             return bool(c.use_corrector)
-        degenerated = isinstance(self._integrals, _DegenerateIntegrals)
-        return not degenerated or c.guidance_scale is None or float(c.guidance_scale) < 5.0
+        return c.guidance_scale is None or float(c.guidance_scale) < 5.0
 
     def _corrector_active(self, i: int) -> bool:
         if not self.config.half_corrector:

@@ -1034,15 +1034,14 @@ def compute_model_ems(named_model, num_datapoints: int, num_points: int, *, guid
         raise ValueError(f"datapoints={datapoints!r} must be 'data', 'samples' or 'trajectories'.")
     if network not in ("guided", "unconditional"):
         raise ValueError(f"network must be 'guided' or 'unconditional', got {network!r}.")
-    trajectories = None
+    trajectories, meta = None, {"model": named_model.name, "guidance": float(guidance), "datapoints": datapoints}
     if datapoints == "trajectories":
-        trajectories, labels = _cached_trajectories(named_model, num_datapoints, num_points, guidance, seed, device,
-                                                    progress, out)
+        trajectories, labels, meta["trajectory_seconds"] = _cached_trajectories(
+            named_model, num_datapoints, num_points, guidance, seed, device, progress, out)
         x0 = trajectories[-1].to(device)
         labels = None if labels is None else labels.to(device)
     else:
         x0, labels = model_datapoints(named_model, num_datapoints, datapoints, guidance, seed, device, progress)
-    meta = {"model": named_model.name, "guidance": float(guidance), "datapoints": datapoints}
     if network == "unconditional" and guidance != 1.0:
         meta["network"] = network
         labels, guidance = None, 1.0
@@ -1059,9 +1058,9 @@ TRAJECTORY_FILE = "trajectories.safetensors"
 
 
 def _cached_trajectories(named_model, k: int, n: int, guidance: float, seed: int, device, progress: bool,
-                         out: str | Path | None) -> tuple[Tensor, Tensor | None]:
-    """:func:`model_trajectories` on the EMS grid, saved next to the partial sums so that a resumed computation
-    reuses them (removed with them once the EMS are written)."""
+                         out: str | Path | None) -> tuple[Tensor, Tensor | None, float]:
+    """(states, labels, seconds to compute them) of :func:`model_trajectories` on the EMS grid, saved next to the
+    partial sums so that a resumed computation reuses them (removed with them once the EMS are written)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -1069,14 +1068,16 @@ def _cached_trajectories(named_model, k: int, n: int, guidance: float, seed: int
     file = Path(out) / TRAJECTORY_FILE if out is not None else None
     if file is not None and file.is_file():
         with safe_open(str(file), "pt") as fh:
-            same = (fh.metadata() or {}).get("key") == key
-        if same:
+            info = fh.metadata() or {}
+        if info.get("key") == key:
             saved = load_file(str(file))
-            return saved["states"], saved.get("labels")
+            return saved["states"], saved.get("labels"), float(info["seconds"])
+    t0 = time.perf_counter()
     states, labels = model_trajectories(named_model, k, ems_lambdas(named_model.scheduler_config, n), guidance,
                                         seed, device, progress)
+    seconds = round(time.perf_counter() - t0, 3)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"states": states.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()})
-        save_file(tensors, str(file), metadata={"key": key})
-    return states, labels
+        save_file(tensors, str(file), metadata={"key": key, "seconds": str(seconds)})
+    return states, labels, seconds
