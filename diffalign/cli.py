@@ -81,8 +81,10 @@ def _ems_compute(args) -> None:
                             out=args.out, seed=args.seed, device=args.device, num_probes=args.num_probes,
                             batch_size=args.batch_size, progress=not args.quiet, network=args.network,
                             derivatives=args.derivatives)
+    solve = ems.meta.get("trajectory_seconds")
+    extra = f" after {solve:.1f} s solving the trajectories" if solve is not None else ""
     print(f"EMS for {args.model} (shape {list(ems.sample_shape)}, N={ems.num_points}, K={args.num_datapoints}, "
-          f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s; wrote {args.out}")
+          f"lambda {ems.lambda_T:.3f}..{ems.lambda_0:.3f}) in {ems.meta['seconds']:.1f} s{extra}; wrote {args.out}")
 
 
 def _scheduler_config(source: str) -> dict:

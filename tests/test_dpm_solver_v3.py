@@ -413,6 +413,11 @@ def test_cli_ems_compute(tmp_path, capsys):
     code = main(["ems", "compute", "--model", "reference:digits", "--num-datapoints", "8", "--grid", "6", "--out",
                  str(tmp_path / "g"), "--guidance", "3", "--datapoints", "samples", "--quiet"])
     assert code == 0 and json.loads((tmp_path / "g" / "ems.json").read_text())["guidance"] == 3.0
+    capsys.readouterr()
+    code = main(["ems", "compute", "--model", "reference:digits", "--num-datapoints", "8", "--grid", "6", "--out",
+                 str(tmp_path / "t"), "--guidance", "3", "--datapoints", "trajectories", "--quiet"])
+    assert code == 0 and "solving the trajectories" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t" / "ems.json").read_text())["datapoints"] == "trajectories"
 
 
 # ------------------------------------------------------------------------------------------------ official layout
