@@ -649,7 +649,7 @@ def compute_ems(
                          f"got {list(trajectories.shape)}; compute them on the same grid (model_trajectories).")
     config = dict(scheduler_config or {})
     sched = Schedule.from_config(config)
-    lambdas = ems_lambdas(config, num_points, lambda_range)
+    lambdas = ems_lambdas(config, num_points, lambda_range or sched.lambda_range)
     lam_T, lam_0 = float(lambdas[0]), float(lambdas[-1])
     n = int(num_points)
     smooth_window = int(round(smooth_lambda / abs(float(lambdas[1] - lambdas[0]))))
@@ -1072,7 +1072,7 @@ def _cached_trajectories(named_model, k: int, n: int, guidance: float, seed: int
     file = Path(out) / TRAJECTORY_FILE if out is not None else None
     if file is not None and file.is_file():
         with safe_open(str(file), "pt") as fh:
-            info = fh.metadata() or {}
+            info = _file_meta(fh)
         if info.get("key") == key:
             saved = load_file(str(file))
             return saved["states"], saved.get("labels"), float(info["seconds"])
@@ -1083,5 +1083,5 @@ def _cached_trajectories(named_model, k: int, n: int, guidance: float, seed: int
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"states": states.contiguous()} | ({} if labels is None else {"labels": labels.contiguous()})
-        save_file(tensors, str(file), metadata={"key": key, "seconds": str(seconds)})
+        save_file(tensors, str(file), metadata={META_KEY: json.dumps({"key": key, "seconds": seconds})})
     return states, labels, seconds
