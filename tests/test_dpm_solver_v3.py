@@ -306,6 +306,41 @@ def test_corrector_is_off_by_default_at_large_guidance_as_the_authors_stable_dif
     assert DPMSolverV3Scheduler(ems_path=str(tmp_path / "g"), guidance_scale=7.5, use_corrector=True)._corrector_on()
 
 
+# ------------------------------------------------------------------------------------------------ few steps
+FEW_STEP = {"solver_order": 3, "predictor_pseudo": True, "corrector_pseudo": False, "lower_order_final": False}
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+def test_default_at_five_steps_or_fewer_without_guidance_is_the_authors_nfe5_configuration(digits_ems, steps):
+    path = str(digits_ems[0])
+    default = sample(DPMSolverV3Scheduler(ems_path=path), MODEL, X_T, steps)
+    assert torch.equal(default, sample(DPMSolverV3Scheduler(ems_path=path, **FEW_STEP), MODEL, X_T, steps))
+    assert torch.equal(sample(DPMSolverV3Scheduler(ems_path=path, guidance_scale=1.0), MODEL, X_T, steps), default)
+    order_2 = sample(DPMSolverV3Scheduler(ems_path=path, solver_order=2), MODEL, X_T, steps)
+    assert (default - order_2).abs().max() > 1e-4  # an explicit order runs as configured
+
+
+def test_default_is_order_2_above_five_steps_and_with_guidance(digits_ems):
+    path = str(digits_ems[0])
+    for steps in (6, 10):
+        assert torch.equal(sample(DPMSolverV3Scheduler(ems_path=path), MODEL, X_T, steps),
+                           sample(DPMSolverV3Scheduler(ems_path=path, solver_order=2), MODEL, X_T, steps))
+    guided = {"degenerated": True, "guidance_scale": 3.0}
+    assert torch.equal(sample(DPMSolverV3Scheduler(**guided), MODEL, X_T, 5),
+                       sample(DPMSolverV3Scheduler(solver_order=2, **guided), MODEL, X_T, 5))
+    sched = DPMSolverV3Scheduler(ems_path=path)
+    for steps, order in ((5, 3), (8, 2), (4, 3)):  # the plan follows the latest set_timesteps
+        sched.set_timesteps(steps)
+        assert sched._plan.order == order
+
+
+def test_pseudo_order_predictor_differs_from_the_vandermonde_one_only_at_order_3(digits_ems):
+    path = str(digits_ems[0])
+    run = lambda **kw: sample(DPMSolverV3Scheduler(ems_path=path, use_corrector=False, **kw), MODEL, X_T, 8)  # noqa: E731
+    assert torch.equal(run(solver_order=2, predictor_pseudo=True), run(solver_order=2))
+    assert (run(solver_order=3, predictor_pseudo=True) - run(solver_order=3)).abs().max() > 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_missing_ems_file_says_how_to_compute_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="diffalign ems compute"):

@@ -159,7 +159,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
                     "steps or use_lu_lambdas=True."
                 )
         saved = self._internal_dict
-        if "solver_order" not in saved:  # diffusers' grid code sizes its history by solver_order
+        if saved.get("solver_order") is None:  # diffusers' grid code sizes its history by solver_order
             self._internal_dict = FrozenDict({**saved, "solver_order": 1})
         try:
             DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, mu, timesteps)
