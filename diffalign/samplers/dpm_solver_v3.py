@@ -283,7 +283,6 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
     ):
         check_choice("solver_order", solver_order, (None, 1, 2, 3))
         self._init_schedule(solver_order or 2)
-        self._plan = self._default_plan()
         self._grid = Schedule(self)
         self._ems: EMS | None = None
         if ems_path is not None:
@@ -346,7 +345,6 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:
         """Set the sampling grid (snapped to the EMS grid when EMS are loaded)."""
         super().set_timesteps(num_inference_steps, device, mu, timesteps)
-        self._plan = self._default_plan(len(self.timesteps))
         if self._grid_index is not None:  # exact noise levels of the snapped EMS grid points
             levels = [self._level(lam) for lam in self._grid_lambdas]
             self._levels = levels + self._levels[len(levels):]
@@ -361,14 +359,14 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             return self._levels[i].lambda_
         return self._grid_index[i]
 
-    def _default_plan(self, num_steps: int | None = None) -> _Plan:
-        """Orders and options of this run: the config's, or with ``solver_order=None`` the authors' choice."""
+    @property
+    def _plan(self) -> _Plan:
+        """Orders and options for the current grid: the config's, or with ``solver_order=None`` the authors'."""
         c = self.config
-        plan = _Plan(c.solver_order or 2, c.predictor_pseudo, c.corrector_pseudo, c.lower_order_final)
         unguided = c.guidance_scale is None or float(c.guidance_scale) <= 1.0
-        if c.solver_order is None and unguided and num_steps is not None and num_steps <= 5:
-            plan = FEW_STEP_PLAN
-        return plan
+        if c.solver_order is None and unguided and len(self.timesteps) <= 5:
+            return FEW_STEP_PLAN
+        return _Plan(c.solver_order or 2, c.predictor_pseudo, c.corrector_pseudo, c.lower_order_final)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:

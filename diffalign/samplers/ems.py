@@ -705,11 +705,6 @@ def compute_ems(
     done = (0 if state["phase"] == "l" else n + 1) + state["next"]
     bar = tqdm(total=2 * (n + 1), initial=done, desc="EMS", disable=not progress, unit="pt")
 
-    def x_at(j: int, rows: slice, z: Tensor, alpha: float, sigma: float) -> Tensor:
-        if trajectories is None:
-            return alpha * data_x0[rows] + sigma * z
-        return trajectories[j, rows].to(device=device, dtype=dtype)
-
     def noise(tag: int, j: int, rows: slice, kind: str) -> Tensor:
         gen = torch.Generator().manual_seed(_seed(seed, tag, j, rows.start))
         z = torch.randn((rows.stop - rows.start, *shape), generator=gen, dtype=torch.float64)
@@ -717,6 +712,12 @@ def compute_ems(
             v = torch.randint(0, 2, (num_probes, *z.shape), generator=gen, dtype=torch.int64) * 2 - 1
             return z.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)
         return z.to(device=device, dtype=dtype)
+
+    def x_at(j: int, rows: slice, alpha: float, sigma: float, tag: int, z: Tensor | None = None) -> Tensor:
+        """States at grid point j: the trajectories', or alpha x0 + sigma z (z drawn for ``tag`` unless given)."""
+        if trajectories is not None:
+            return trajectories[j, rows].to(device=device, dtype=dtype)
+        return alpha * data_x0[rows] + sigma * (noise(tag, j, rows, "z") if z is None else z)
 
     # ---- phase 1: l = E[(sigma J v) * v]
     if state["phase"] == "l":
@@ -727,7 +728,7 @@ def compute_ems(
             acc = torch.zeros(shape, dtype=torch.float64, device=device)
             for rows in batches:
                 z, probes = noise(0, j, rows, "both")
-                x = x_at(j, rows, z, alpha, sigma)
+                x = x_at(j, rows, alpha, sigma, 0, z)
                 tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
                 for v in probes:
                     if finite:
@@ -755,7 +756,7 @@ def compute_ems(
         rows = slice(0, min(4, k_data))
         lam_mid = float(lambdas[n // 2])
         alpha, sigma = sched.alpha_sigma(lam_mid)
-        x = x_at(n // 2, rows, noise(2, n // 2, rows, "z"), alpha, sigma)
+        x = x_at(n // 2, rows, alpha, sigma, 2)
         state["time_derivative"] = "jvp" if _time_tangent_works(call, jvp, x, sched.time(lam_mid), rows) else "fd"
         if state["time_derivative"] == "fd":
             logger.info("eps_fn does not propagate a tangent through its time input; its time derivative is "
@@ -770,7 +771,7 @@ def compute_ems(
         ld_j = l_prime[j].to(device)
         acc = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in names[1:]}
         for rows in batches:
-            x = x_at(j, rows, noise(1, j, rows, "z"), alpha, sigma)
+            x = x_at(j, rows, alpha, sigma, 1)
             tt = torch.full((x.shape[0],), t, dtype=dtype, device=device)
             with torch.no_grad():
                 eps = call(x, tt, rows)
