@@ -40,3 +40,11 @@ def check_images(images: torch.Tensor, prompts: Sequence[str] | None = None) -> 
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; pass one prompt per image.")
     return images
+
+
+def save_image(image: torch.Tensor, path) -> None:
+    """Save one [C, H, W] float image in [0, 1] as PNG (grey for one channel)."""
+    from PIL import Image
+
+    arr = (check_images(image[None])[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)

@@ -201,12 +201,17 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", **kwarg
     * ``"builtin:digits"`` / ``"builtin:fashion"``: the shipped models as :class:`ClassConditionalPipeline`;
     * a local diffusers directory: ``DiffusionPipeline.from_pretrained`` (a directory saved from a
       :class:`ClassConditionalPipeline` loads as one);
+    * a ``diffalign train`` output directory: its base model with the trained weights;
     * a hub id: from the local cache first, then the hub; when neither works (offline, not cached) one
       :class:`ModelNotAvailableError` says how to make it available.
     """
     if name_or_path.startswith("builtin:"):
         return builtin_pipeline(name_or_path, device=device)
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "alignment.json").is_file():  # a `diffalign train` output directory
+        from ..align.policy import load_aligned_pipeline
+
+        return load_aligned_pipeline(path, device=device)
     if path.is_dir():
         index = path / "model_index.json"
         cls = DiffusionPipeline

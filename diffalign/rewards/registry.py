@@ -58,3 +58,17 @@ def get_reward(name: str, differentiable: bool = False, **kwargs) -> Reward:
 def _load_builtins() -> None:
     from . import builtin, classifier  # noqa: F401  (registers on import)
     from .hub import RewardUnavailableError  # noqa: F401  (registers the weight-backed rewards on import)
+
+
+def reward_accepts(name: str, parameter: str) -> bool:
+    """Whether the factory of reward ``name`` takes the keyword ``parameter`` (e.g. ``model``)."""
+    import inspect
+
+    _load_builtins()
+    if name in _FACTORIES:
+        factory = _FACTORIES[name][0]
+    elif name in (eps := _entry_point_factories()):
+        factory = eps[name].load()
+    else:
+        return False
+    return parameter in inspect.signature(factory).parameters

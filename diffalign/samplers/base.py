@@ -210,13 +210,15 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         x0, eps = self.predict_x0_eps(model_output, sample)
         return x0 if self._solver_output == "x0" else eps
 
-    def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data and noise predictions at the current step from any supported ``prediction_type``.
+    def predict_x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor,
+                       index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data and noise predictions at grid point ``index`` (default: the current step) from any supported
+        ``prediction_type``.
 
         With ``thresholding`` (Imagen's dynamic thresholding, pixel-space models only) x0 is clipped and eps
         recomputed from it.
         """
-        lvl = self._levels[self.step_index]
+        lvl = self._levels[self.step_index if index is None else index]
         a, s = lvl.alpha, lvl.sigma
         kind = self.config.prediction_type
         if self.config.variance_type in ("learned", "learned_range"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from diffusers.configuration_utils import register_to_config
 
 from .base import DiffAlignScheduler, schedule_config
@@ -32,10 +33,23 @@ class DDIMScheduler(DiffAlignScheduler):
     def _needs_noise(self) -> bool:
         return self.config.eta > 0
 
-    def _update(self, sample, x0, eps, noise):
-        s, t = self._levels[self.step_index], self._levels[self.step_index + 1]
+    def coefficients(self, index: int) -> tuple[float, float, float]:
+        """(alpha_t, sqrt(sigma_t^2 - c^2), c) of Eq. 12 for the step from grid point ``index`` to ``index + 1``."""
+        s, t = self._levels[index], self._levels[index + 1]
         if self.config.eta == 0 or t.sigma == 0:
-            return t.alpha * x0 + t.sigma * eps
+            return t.alpha, t.sigma, 0.0
         c = self.config.eta * (t.sigma / s.sigma) * math.sqrt(max(0.0, 1.0 - (s.alpha / t.alpha) ** 2))
         c = min(c, t.sigma)
-        return t.alpha * x0 + math.sqrt(t.sigma**2 - c**2) * eps + c * noise
+        return t.alpha, math.sqrt(t.sigma**2 - c**2), c
+
+    def transition(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> tuple[torch.Tensor, float]:
+        """Mean and standard deviation c of the Gaussian step x_{index} -> x_{index + 1} (Eq. 12), differentiable in
+        ``model_output``; c = 0 where the step is deterministic (eta = 0, or the last step to sigma = 0)."""
+        x0, eps = self.predict_x0_eps(model_output, sample, index)
+        a, b, c = self.coefficients(index)
+        return a * x0 + b * eps, c
+
+    def _update(self, sample, x0, eps, noise):
+        a, b, c = self.coefficients(self.step_index)
+        mean = a * x0 + b * eps
+        return mean + c * noise if c > 0 else mean

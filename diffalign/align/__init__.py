@@ -1,0 +1,27 @@
+"""Preference alignment of diffusion models: one accelerate training engine, methods as small modules.
+
+    from diffalign.align import config_for, train
+    cfg = config_for("d3po", overrides={"model": "builtin:digits", "reward": "brightness", "max_steps": 20})
+    out = train("d3po", cfg, "runs/d3po")             # LoRA weights, config.yaml, metrics.jsonl, reward_curve.png
+    pipe = diffalign.load_pipeline("runs/d3po")       # the aligned pipeline
+"""
+
+from .config import D3POConfig, LoraSettings, TrainConfig, config_for
+from .evaluate import evaluate_reward
+from .methods import METHODS, get_method
+from .policy import Policy, load_aligned_pipeline
+from .trainer import read_metrics, train
+
+__all__ = [
+    "METHODS",
+    "D3POConfig",
+    "LoraSettings",
+    "Policy",
+    "TrainConfig",
+    "config_for",
+    "evaluate_reward",
+    "get_method",
+    "load_aligned_pipeline",
+    "read_metrics",
+    "train",
+]

@@ -1,0 +1,150 @@
+"""Training configuration: one dataclass per method, loadable from YAML and overridable with ``key=value`` strings.
+
+    cfg = config_for("d3po", yaml_path="cfg.yaml", overrides=["lr=1e-4", "lora.rank=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the UNet. ``target_modules=None`` picks the attention projections (to_q, to_k, to_v,
+    to_out.0, as diffusers' LoRA training example) and, in UNets without cross-attention (the shipped class-
+    conditional models), also the ResNet convolutions conv1 / conv2."""
+
+    rank: int = 4
+    alpha: float | None = None
+    """LoRA alpha (default: equal to the rank, as diffusers' example)."""
+    target_modules: list[str] | None = None
+    init: str = "gaussian"
+
+
+@dataclass
+class TrainConfig:
+    """What every method shares: model, prompts, optimisation, checkpoints, logging."""
+
+    model: str = "builtin:digits"
+    prompts: list[str] | None = None
+    """Training prompts (default: every class name of a class-conditional model)."""
+    seed: int = 0
+    max_steps: int = 100
+    """Optimizer steps."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much wall time."""
+    lr: float = 3e-5
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    """accelerate's "no", "fp16" or "bf16"."""
+    full_finetune: bool = False
+    """Train every UNet weight; the reference is then a frozen copy instead of the adapter-disabled UNet."""
+    reference: str = "adapter"
+    """LoRA only: "adapter" (the UNet with its adapter disabled, no second copy) or "copy" (a frozen deepcopy)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    tensorboard: bool = False
+    device: str | None = None
+    """None: accelerate's choice (cuda when available)."""
+
+
+@dataclass
+class D3POConfig(TrainConfig):
+    """D3PO (Yang et al., CVPR 2024). Defaults are the paper's code (``config/base.py``) unless noted."""
+
+    reward: str | None = "jpeg_compressibility"
+    """A registered reward, or several joined by "," compared by Pareto dominance (vector reward)."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    labels: str | None = None
+    """Human labels (``diffalign align export-pairs``): the pairs directory's ``labels.jsonl``; replaces the reward."""
+    pairs: str | None = None
+    """Directory written by ``diffalign align export-pairs`` (trajectories to train on with ``labels``)."""
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance: float = 5.0
+    beta: float = 0.1
+    clip: float = 0.1
+    """Ratio clamp [1 - clip, 1 + clip] (``train.eps``)."""
+    pairs_per_step: int = 4
+    """Pairs sampled on-policy (per process) and trained on for one optimizer step (per accumulation step)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps trained on (a random subset, as ``train.timestep_fraction``)."""
+
+
+METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig}
+
+
+def _coerce(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _assign(obj: Any, dotted: str, value: Any, source: str) -> None:
+    *parents, last = dotted.split(".")
+    for name in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+            raise ValueError(f"{source}: unknown config key {dotted!r}.")
+        obj = getattr(obj, name)
+    names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    if last not in names:
+        raise ValueError(f"{source}: unknown config key {dotted!r}; valid keys: {', '.join(sorted(names))}.")
+    current = getattr(obj, last)
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+        for key, sub in value.items():
+            _assign(current, key, sub, source)
+        return
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"{source}: {dotted} must be true or false, got {value!r}.")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and not isinstance(value, (int, float)):
+        raise ValueError(f"{source}: {dotted} must be a number, got {value!r}.")
+    setattr(obj, last, value)
+
+
+def config_for(method: str, yaml_path: str | Path | None = None, overrides: list[str] | dict | None = None
+               ) -> TrainConfig:
+    """The config of ``method``: defaults, then the YAML file, then ``key=value`` overrides (dotted keys for
+    nested settings, values parsed as JSON where they parse: ``lora.rank=8``, ``prompts=["a","b"]``)."""
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHOD_CONFIGS)}.")
+    cfg = METHOD_CONFIGS[method]()
+    if yaml_path is not None:
+        import yaml
+
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config keys.")
+        for key, value in data.items():
+            _assign(cfg, key, value, str(yaml_path))
+    items = overrides.items() if isinstance(overrides, dict) else [
+        (item.partition("=")[0].strip(), _coerce(item.partition("=")[2])) for item in overrides or []]
+    for key, value in items:
+        if not key:
+            raise ValueError("overrides must look like key=value.")
+        _assign(cfg, key, value, "override")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, method: str, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump({"method": method, **to_dict(cfg)}, sort_keys=False))

@@ -1,0 +1,75 @@
+"""Evaluation of (aligned) models: mean reward and FID on a fixed set of (prompt, seed) pairs.
+
+The set depends only on ``seed`` and ``num_images`` (prompts cycle through the class names, or through the given
+prompts; the initial noise comes from one generator seeded with ``seed``), so two models are compared on the
+same noise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .methods.d3po import build_reward, default_prompts, score
+from .policy import ALIGNMENT_FILE, Policy
+from .trajectory import generate
+
+
+def base_model_name(model: str) -> str:
+    """The model a training output directory was trained from (the name itself otherwise)."""
+    info = Path(model) / ALIGNMENT_FILE
+    return json.loads(info.read_text())["base_model"] if info.is_file() else model
+
+
+def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float = 1.0, sampler: str = "dpm-solver++",
+                steps: int = 20, prompts: Sequence[str] | None = None, device: str = "cpu",
+                batch_size: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """Images [N, C, H, W] in [0, 1] of ``model`` on the fixed evaluation set, and their prompts."""
+    from ..pipelines.class_conditional import load_pipeline
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    policy = Policy(load_pipeline(model, device=device))
+    names = default_prompts(policy, prompts)
+    chosen = [names[i % len(names)] for i in range(num_images)]
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((num_images, *policy.latent_shape), generator=gen)
+    images = generate(policy, chosen, x_T, sampler, steps, guidance, generator=gen, batch_size=batch_size)
+    return images, chosen
+
+
+def evaluate_reward(model: str, reward: str, num_images: int = 64, seed: int = 0, guidance: float = 1.0,
+                    sampler: str = "dpm-solver++", steps: int = 20, prompts: Sequence[str] | None = None,
+                    device: str = "cpu") -> dict:
+    """Mean and standard deviation of ``reward`` over the fixed (prompt, seed) set of ``model`` (a built-in, a
+    diffusers directory or hub id, or a training output directory)."""
+    fn = build_reward(reward, base_model_name(model))
+    images, chosen = eval_images(model, num_images, seed, guidance, sampler, steps, prompts, device)
+    values = score(fn, images, chosen)
+    per_image = values.mean(1) if values.shape[1] == 1 else values
+    result = {"model": model, "reward": reward, "mean": per_image.mean(0).tolist(),
+              "std": per_image.std(0).tolist() if len(per_image) > 1 else 0.0, "n": num_images,
+              "guidance": guidance, "seed": seed, "sampler": sampler, "steps": steps}
+    if values.shape[1] == 1:
+        result["mean"], result["std"] = float(per_image.mean()), float(per_image.std()) if len(per_image) > 1 else 0.0
+    return result
+
+
+def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: float = 1.0,
+                 sampler: str = "dpm-solver++", steps: int = 20, device: str = "cpu") -> float:
+    """FID of a shipped model (or one trained from it) on its shipped classifier's features and reference
+    statistics, with class-balanced prompts."""
+    from ..eval.fid import FID, get_features
+    from ..models.builtin import weights_dir
+
+    base = base_model_name(model)
+    if not base.startswith("builtin:"):
+        raise ValueError(f"FID with shipped features needs a built-in model (or one trained from it), got {base!r}.")
+    fid = FID(get_features(f"classifier:{base}"), device=device)
+    fid.load_reference(weights_dir(base.split(":", 1)[1]) / "fid_stats.safetensors")
+    images, _ = eval_images(model, num_images, seed, guidance, sampler, steps, device=device)
+    fid.add(images)
+    return fid.compute()

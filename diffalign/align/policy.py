@@ -1,0 +1,245 @@
+"""The policy: a thin adapter over a diffusers pipeline with what every alignment method needs.
+
+* prompts to conditioning: class labels (:class:`~diffalign.pipelines.ClassConditionalPipeline`) or CLIP text
+  embeddings (Stable Diffusion pipelines, through the pipeline's own ``encode_prompt``);
+* the (classifier-free guided) model output at a timestep, for the policy or for the reference;
+* latents to images in [0, 1] (through the VAE where the pipeline has one);
+* the trainable parameters: a peft LoRA on the UNet, or every UNet weight (``full_finetune``).
+
+The reference of a LoRA policy is the same UNet with the adapter disabled (no second UNet in memory); with
+``full_finetune`` (or ``reference="copy"``) it is a frozen copy made before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from .config import LoraSettings
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+ALIGNMENT_FILE = "alignment.json"
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_config(unet: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
+    """The peft config of ``settings`` for ``unet`` (default targets: see :class:`LoraSettings`)."""
+    targets = settings.target_modules
+    if targets is None:
+        text = getattr(unet.config, "cross_attention_dim", None) is not None
+        candidates = ATTENTION_TARGETS if text else ATTENTION_TARGETS + ["conv1", "conv2"]
+        names = {"to_out.0" if name.endswith("to_out.0") else name.rsplit(".", 1)[-1]
+                 for name, _ in unet.named_modules()}
+        targets = [t for t in candidates if t in names]
+    if settings.rank < 1:
+        raise ValueError(f"lora.rank must be >= 1, got {settings.rank}.")
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank, init_lora_weights=settings.init,
+                      target_modules=list(targets))
+
+
+def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every LoRA layer into its base layer and remove the adapter modules (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    return model
+
+
+class Policy:
+    """Conditioning, guided prediction, decoding and trainable parameters of a pipeline's UNet.
+
+    Args:
+        pipe: a :class:`~diffalign.pipelines.ClassConditionalPipeline` or a Stable Diffusion pipeline.
+        lora: LoRA settings (None with ``full_finetune=False``: nothing is trainable, e.g. for evaluation).
+        full_finetune: train every UNet weight.
+        reference: ``"adapter"`` (LoRA disabled) or ``"copy"`` (a frozen deepcopy of the initial UNet).
+    """
+
+    def __init__(self, pipe, lora: LoraSettings | None = None, full_finetune: bool = False,
+                 reference: str = "adapter"):
+        if reference not in ("adapter", "copy"):
+            raise ValueError(f"reference={reference!r}; use 'adapter' or 'copy'.")
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.device = self.unet.device
+        self.is_text = getattr(pipe, "text_encoder", None) is not None
+        if not self.is_text and not hasattr(pipe, "null_label"):
+            raise TypeError(f"{type(pipe).__name__} is not supported: alignment needs a ClassConditionalPipeline or a "
+                            "Stable Diffusion pipeline (UNet2DConditionModel + CLIP text encoder).")
+        for module in (self.unet, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)):
+            if module is not None:
+                module.requires_grad_(False)
+        self.lora = None if full_finetune else lora
+        self.full_finetune = full_finetune
+        self._reference_unet = None
+        if full_finetune or (lora is not None and reference == "copy"):
+            self._reference_unet = copy.deepcopy(self.unet).eval()
+        if full_finetune:
+            self.unet.requires_grad_(True)
+        elif lora is not None:
+            self.lora_config = lora_config(self.unet, lora)
+            inject_adapter_in_model(self.lora_config, self.unet)
+            for name, param in self.unet.named_parameters():
+                param.requires_grad_("lora_" in name)
+        self.forward_unet = self.unet
+        """The module called when gradients are needed (the trainer sets it to the accelerate-wrapped UNet)."""
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ shapes and conditioning
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size, cfg.sample_size)
+        return (cfg.in_channels, *size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Validate prompts where they enter (an empty list, or a class name the model does not know, is an error)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("the prompt list is empty; give at least one prompt.")
+        if not self.is_text:
+            for p in prompts:
+                self.pipe.prompt_to_label(p)
+        return prompts
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Conditioning of each prompt: class labels [N] or text embeddings [N, L, D]."""
+        if not self.is_text:
+            return torch.tensor([self.pipe.prompt_to_label(p) for p in prompts], dtype=torch.long, device=self.device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            self._text_cache.update(zip(missing, embeds, strict=True))
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def null_condition(self, n: int) -> torch.Tensor:
+        """The unconditional input (null class / empty prompt) for classifier-free guidance."""
+        if not self.is_text:
+            return torch.full((n,), self.pipe.null_label, dtype=torch.long, device=self.device)
+        return self.encode([""] * n)
+
+    # ------------------------------------------------------------------ prediction
+    @contextmanager
+    def as_reference(self) -> Iterator[torch.nn.Module]:
+        """Yields the reference network: the frozen copy, or the UNet with its adapter disabled."""
+        if self._reference_unet is not None:
+            yield self._reference_unet
+            return
+        if self.lora is None:
+            yield self.unet
+            return
+        set_adapters_enabled(self.unet, False)
+        try:
+            yield self.unet
+        finally:
+            set_adapters_enabled(self.unet, True)
+
+    def _call(self, net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        if self.is_text:
+            return net(x, t, encoder_hidden_states=cond).sample
+        return net(x, t, class_labels=cond).sample
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float = 1.0,
+                reference: bool = False) -> torch.Tensor:
+        """Model output (the scheduler's prediction type) at timestep(s) ``t``, guided as
+        ``uncond + guidance (cond - uncond)`` when ``guidance != 1``. Gradients flow unless ``reference``."""
+        if reference:
+            with torch.no_grad(), self.as_reference() as net:
+                return self._guided(net, x, t, cond, guidance)
+        net = self.forward_unet if torch.is_grad_enabled() else self.unet
+        return self._guided(net, x, t, cond, guidance)
+
+    def _guided(self, net, x, t, cond, guidance):
+        if guidance == 1.0:
+            return self._call(net, x, t, cond)
+        t2 = torch.cat([t, t]) if t.numel() > 1 else t
+        out = self._call(net, torch.cat([x, x]), t2, torch.cat([cond, self.null_condition(x.shape[0])]))
+        c, u = out.chunk(2)
+        return u + guidance * (c - u)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], float32 [N, C, H, W]."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None:
+            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ parameters and saving
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights: the LoRA weights (peft names), or the whole UNet state dict."""
+        if self.lora is not None:
+            return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+        return {k: v.detach().contiguous() for k, v in self.unet.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.lora is not None:
+            result = set_peft_model_state_dict(self.unet, state)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"LoRA weights do not fit this model (unexpected keys, e.g. {unexpected[:3]}).")
+        else:
+            self.unet.load_state_dict(state)
+
+    def save(self, out_dir: str | Path, base_model: str, method: str) -> None:
+        """Write the trained weights so that :func:`load_aligned_pipeline` (and, for Stable Diffusion, diffusers'
+        ``pipe.load_lora_weights(out_dir)``) loads them: LoRA weights in diffusers' file layout, or the UNet."""
+        out = Path(out_dir)
+        info = {"base_model": base_model, "method": method, "full_finetune": self.full_finetune}
+        if self.lora is not None:
+            state = {f"unet.{k}": v for k, v in self.trainable_state_dict().items()}
+            save_file(state, str(out / LORA_WEIGHTS), metadata={"format": "pt"})
+            info["lora"] = {"rank": self.lora_config.r, "alpha": self.lora_config.lora_alpha,
+                            "target_modules": sorted(self.lora_config.target_modules)}
+        else:
+            self.unet.save_pretrained(out / "unet")
+        (out / ALIGNMENT_FILE).write_text(json.dumps(info, indent=2))
+
+
+def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
+    """The pipeline of a training output directory: the base model with the trained LoRA (merged into the UNet by
+    default) or the fine-tuned UNet."""
+    from ..pipelines.class_conditional import load_pipeline
+
+    out = Path(out_dir)
+    info = json.loads((out / ALIGNMENT_FILE).read_text())
+    pipe = load_pipeline(info["base_model"], device=device)
+    if info.get("full_finetune"):
+        pipe.unet.load_state_dict(type(pipe.unet).from_pretrained(out / "unet").state_dict())
+        return pipe
+    lora = info["lora"]
+    settings = LoraSettings(rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["target_modules"])
+    weights = out / LORA_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; {out} is not a finished training output directory.")
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(weights)).items()}
+    inject_adapter_in_model(lora_config(pipe.unet, settings), pipe.unet)
+    set_peft_model_state_dict(pipe.unet, state)
+    if merge:
+        merge_lora(pipe.unet)
+    return pipe.to(device)

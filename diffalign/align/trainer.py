@@ -1,0 +1,280 @@
+"""One accelerate training loop for every alignment method.
+
+It owns what methods share: the policy and its optimizer, gradient accumulation (and several processes through
+``accelerate launch``), seeding, the progress bar, ``metrics.jsonl``, optional tensorboard, checkpoints and resume,
+and the output directory (final weights, resolved config, reward-curve PNG). Every process runs every collective
+call (gather, barrier); only the writing of files is left to the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig, save_config
+from .methods import get_method
+from .policy import ALIGNMENT_FILE, LORA_WEIGHTS, Policy
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", ALIGNMENT_FILE, LORA_WEIGHTS)
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+def step_seed(seed: int, step: int, process: int) -> int:
+    """The seed of every random draw of one optimizer step on one process (so a resumed run draws the same)."""
+    return ((seed * 1_000_003 + step) * 8_191 + process) % (2**63)
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    """``resume="latest"``: the newest complete checkpoint in ``out``; otherwise the checkpoint directory given."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint directory (no {STATE_FILE}).")
+        return path
+    found = sorted((out / CHECKPOINTS).glob("step-*"))
+    found = [p for p in found if (p / STATE_FILE).is_file()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume in {out / CHECKPOINTS}; start without --resume.")
+    return found[-1]
+
+
+def run_signature(method: str, cfg: TrainConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {"method": method, "model": cfg.model, "full_finetune": cfg.full_finetune,
+            "lora": None if cfg.full_finetune else dataclasses.asdict(cfg.lora)}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    state: dict[int, dict] = defaultdict(dict)
+    for name, value in list(tensors.items()) + list(info["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state[int(pid)][key] = value
+    optimizer.load_state_dict({"state": dict(state), "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimizer, lr_scheduler, state: dict,
+                    keep: int) -> Path:
+    """Write checkpoint ``step-<step>`` atomically (a temporary directory renamed when complete)."""
+    root = out / CHECKPOINTS
+    final, tmp = root / f"step-{state['step']:06d}", root / f".tmp-step-{state['step']:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng_{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(policy.trainable_state_dict(), str(tmp / "weights.safetensors"))
+        tensors, info = _optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": info,
+                                                  "lr_scheduler": lr_scheduler.state_dict()}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, policy: Policy, optimizer,
+                    lr_scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; refuse a checkpoint of another run."""
+    state = json.loads((path / STATE_FILE).read_text())
+    theirs = {key: state.get(key) for key in signature}
+    if theirs != signature:
+        diff = {k: (theirs[k], signature[k]) for k in signature if theirs[k] != signature[k]}
+        raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(
+            f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items())
+            + ". Resume with the run's own settings (its config.yaml), or train into a new output directory.")
+    policy.load_trainable_state_dict(load_file(str(path / "weights.safetensors")))
+    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    rng = path / f"rng_{accelerator.process_index}.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["torch"])
+    return state
+
+
+def _prepare_output(out: Path, resume: str | None, overwrite: bool, accelerator: Accelerator) -> Path | None:
+    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if resume is not None and overwrite:
+        raise ValueError("pass either --resume or --overwrite, not both.")
+    if resume is not None:
+        return find_checkpoint(out, resume)
+    if holds_run and not overwrite:
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                              "replace it, or choose another --out.")
+    return None
+
+
+def _clear_output(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _reduce(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Mean of each statistic over processes (NaN entries ignored); a collective call."""
+    keys = sorted(values)
+    local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(local[None]).reshape(-1, len(keys))
+    return {k: float(v) for k, v in zip(keys, gathered.nanmean(0).tolist(), strict=True)}
+
+
+def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None = None, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Train ``method`` with ``cfg`` into ``out_dir`` and return it.
+
+    ``resume``: ``"latest"`` or a checkpoint directory; ``overwrite`` replaces a run already in ``out_dir``.
+    Works the same under ``accelerate launch`` with several processes (each samples its own data; gradients are
+    averaged; every process holds the same weights).
+    """
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..pipelines.class_conditional import load_pipeline
+
+    method_cls = get_method(method)
+    if not isinstance(cfg, method_cls.config_class):
+        raise TypeError(f"{method} needs a {method_cls.config_class.__name__}, got {type(cfg).__name__}.")
+    out = Path(out_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+                              log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
+    checkpoint = _prepare_output(out, resume, overwrite, accelerator)
+
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
+    policy = Policy(load_pipeline(cfg.model, device=accelerator.device), cfg.lora, cfg.full_finetune, cfg.reference)
+    algo = method_cls(cfg, policy)  # validates rewards, labels and prompts before anything is written
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    signature = run_signature(method, cfg)
+    state = {"step": 0, "images_seen": 0, "wall_s": 0.0}
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizer, lr_scheduler)
+    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    policy.forward_unet = unet
+
+    metrics_path = out / "metrics.jsonl"
+    if accelerator.is_main_process:
+        if overwrite:
+            _clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, method, out / "config.yaml")
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if json.loads(line)["step"] <= state["step"]] if checkpoint and metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    if cfg.tensorboard:
+        flat = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("diffalign", config=flat)
+    accelerator.wait_for_everyone()
+
+    start, images_seen = state["step"], state["images_seen"]
+    t0 = time.perf_counter() - state["wall_s"]
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=method,
+               disable=not (progress and accelerator.is_main_process))
+    step = start
+    while step < cfg.max_steps:
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, accelerator.process_index))
+        batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
+        work = [(b, chunk, len(chunk) / sum(len(c) for c in algo.chunks(b)) / len(batches))
+                for b in batches for chunk in algo.chunks(b)]
+        stats: dict[str, float] = defaultdict(float)
+        for j, (batch, chunk, weight) in enumerate(work):
+            with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():
+                loss, chunk_stats = algo.loss(batch, chunk)
+                accelerator.backward(loss * weight)
+            stats["loss"] += float(loss.detach()) * weight
+            for key, value in chunk_stats.items():
+                stats[key] += value * weight
+        for batch in batches:
+            for key, value in batch["stats"].items():
+                stats[key] += value / len(batches)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
+        stats["grad_norm"] = float(grad_norm)
+        record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
+                  **_reduce(accelerator, dict(stats)), "lr": lr_scheduler.get_last_lr()[0]}
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in record.items()}) + "\n")
+        if cfg.tensorboard:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        bar.update(1)
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "implicit_acc") if k in record})
+        out_of_time = cfg.max_minutes is not None and record["wall_s"] > 60 * cfg.max_minutes
+        stop = bool(accelerator.gather(torch.tensor([float(out_of_time)], device=accelerator.device)).max())
+        if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+            save_checkpoint(accelerator, out, policy, optimizer, lr_scheduler,
+                            {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
+                            cfg.keep_checkpoints)
+        if stop:
+            break
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        policy.save(out, cfg.model, method)
+        plot_curves(metrics_path, out / "reward_curve.png")
+    accelerator.end_training()
+    return out
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, png: str | Path) -> None:
+    """Reward (or loss), loss and implicit accuracy against optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    keys = [k for k in ("reward_mean", "loss", "implicit_acc") if any(r.get(k) is not None for r in rows)]
+    if not rows or not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
