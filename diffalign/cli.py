@@ -172,6 +172,48 @@ def _models(args) -> None:
         print(f"{name:<20} {description}")
 
 
+def _train(args) -> None:
+    from .align import config_for, train
+
+    overrides = list(args.set or [])
+    for key in ("model", "reward", "max_steps", "max_minutes", "seed", "lr", "guidance"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.data is not None:  # an export-pairs directory with its labels.jsonl
+        overrides = [f"pairs={json.dumps(args.data)}", f"labels={json.dumps(str(Path(args.data) / 'labels.jsonl'))}",
+                     "reward=null", *overrides]
+    if args.device is not None:
+        overrides.append(f"device={json.dumps(args.device)}")
+    cfg = config_for(args.method, args.config, overrides)
+    out = train(args.method, cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                progress=not args.quiet).out_dir
+    print(f"wrote {out} (load it with diffalign.load_pipeline({str(out)!r}))")
+
+
+def _eval_reward(args) -> None:
+    from .align.evaluate import evaluate_reward
+
+    result = evaluate_reward(args.model, args.reward, args.num_images, args.seed, args.guidance, args.sampler,
+                             args.steps, prompts=args.prompt, device=args.device or "cpu")
+    mean = result["mean"] if isinstance(result["mean"], list) else [result["mean"]]
+    std = result["std"] if isinstance(result["std"], list) else [result["std"]]
+    print(f"{args.reward} on {args.model}: " + ", ".join(f"{m:.5g} +- {s:.3g}" for m, s in zip(mean, std, strict=True))
+          + f" (n={result['n']}, guidance {args.guidance:g})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _export_pairs(args) -> None:
+    from .align.methods.d3po import export_pairs
+
+    out = export_pairs(args.model, args.out, args.prompt, args.num_pairs, args.steps, args.eta, args.guidance,
+                       args.seed, device=args.device or "cpu", progress=not args.quiet)
+    print(f"wrote {args.num_pairs} pairs to {out}; label them in {out}/labels.jsonl, one line per pair: "
+          '{"pair": 0, "preferred": 0} (0 or 1, null for a tie), then train with '
+          f"`diffalign train d3po --model {args.model} --set pairs={out} --set labels={out}/labels.jsonl`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Fast diffusion samplers and alignment tools.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -269,12 +311,54 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--stats", default=None, help="reference statistics (default: the built-in model's)")
     ef.add_argument("--json", default=None)
     ef.set_defaults(func=_eval_fid)
+    er = evsub.add_parser("reward", help="mean reward of a model on a fixed (prompt, seed) set")
+    er.add_argument("--model", required=True, help="a built-in, a diffusers directory, or a training output dir")
+    er.add_argument("--reward", required=True)
+    er.add_argument("--guidance", type=float, default=1.0)
+    er.add_argument("--num-images", type=int, default=64)
+    er.add_argument("--seed", type=int, default=0)
+    er.add_argument("--sampler", default="dpm-solver++")
+    er.add_argument("--steps", type=int, default=20)
+    er.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: every class)")
+    er.add_argument("--json", default=None)
+    er.set_defaults(func=_eval_reward)
     es = evsub.add_parser("fid-stats", help="reference statistics of a folder of images")
     es.add_argument("--images", required=True)
     es.add_argument("--features", required=True)
     es.add_argument("--num-images", type=int, default=None)
     es.add_argument("--out", required=True)
     es.set_defaults(func=_eval_fid_stats)
+
+    t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
+    t.add_argument("method", choices=["d3po"])
+    t.add_argument("--model", default=None, help="builtin:digits, builtin:fashion, a diffusers directory or hub id")
+    t.add_argument("--reward", default=None, help="a registered reward; several joined by ',' are Pareto-compared")
+    t.add_argument("--data", default=None, help="labelled pairs: an export-pairs directory with labels.jsonl")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--config", default=None, help="YAML file of config values")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. lora.rank=8")
+    t.add_argument("--max-steps", dest="max_steps", type=int, default=None)
+    t.add_argument("--max-minutes", dest="max_minutes", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--guidance", type=float, default=None)
+    t.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue the run in --out (latest checkpoint, or the checkpoint directory given)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.set_defaults(func=_train)
+
+    al = sub.add_parser("align", help="alignment utilities")
+    alsub = al.add_subparsers(dest="what", required=True)
+    ap = alsub.add_parser("export-pairs", help="sample D3PO pairs (images + trajectories) for human labelling")
+    ap.add_argument("--model", default="builtin:digits")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: every class)")
+    ap.add_argument("--num-pairs", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.set_defaults(func=_export_pairs)
 
     m = sub.add_parser("models", help="list the available models")
     m.add_argument("action", choices=["list"])
@@ -283,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (s, bs, cd, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    for sp in (t, er, ap):
+        sp.add_argument("--device", default=None, help="default: cpu (train: accelerate's choice)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -290,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 2
     return 0

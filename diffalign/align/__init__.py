@@ -7,7 +7,7 @@
 """
 
 from .config import D3POConfig, LoraSettings, TrainConfig, config_for
-from .evaluate import evaluate_reward
+from .evaluate import evaluate_reward, evaluate_rewards
 from .methods import METHODS, get_method
 from .policy import Policy, load_aligned_pipeline
 from .trainer import read_metrics, train
@@ -20,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "config_for",
     "evaluate_reward",
+    "evaluate_rewards",
     "get_method",
     "load_aligned_pipeline",
     "read_metrics",

@@ -19,9 +19,11 @@ from .trajectory import generate
 
 
 def base_model_name(model: str) -> str:
-    """The model a training output directory was trained from (the name itself otherwise)."""
-    info = Path(model) / ALIGNMENT_FILE
-    return json.loads(info.read_text())["base_model"] if info.is_file() else model
+    """The model a training output directory (or checkpoint) was trained from (the name itself otherwise)."""
+    out, state = Path(model) / ALIGNMENT_FILE, Path(model) / "trainer_state.json"
+    if out.is_file():
+        return json.loads(out.read_text())["base_model"]
+    return json.loads(state.read_text())["model"] if state.is_file() else model
 
 
 def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float = 1.0, sampler: str = "dpm-solver++",
@@ -41,21 +43,30 @@ def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float
     return images, chosen
 
 
+def evaluate_rewards(model: str, rewards: Sequence[str], num_images: int = 64, seed: int = 0,
+                     guidance: float = 1.0, sampler: str = "dpm-solver++", steps: int = 20,
+                     prompts: Sequence[str] | None = None, device: str = "cpu") -> dict[str, dict]:
+    """:func:`evaluate_reward` of several rewards on one set of images (sampled once)."""
+    fns = {name: build_reward(name, base_model_name(model)) for name in rewards}
+    images, chosen = eval_images(model, num_images, seed, guidance, sampler, steps, prompts, device)
+    results = {}
+    for name, fn in fns.items():
+        values = score(fn, images, chosen)
+        mean, std = values.mean(0), values.std(0) if len(values) > 1 else torch.zeros(values.shape[1])
+        scalar = values.shape[1] == 1
+        results[name] = {"model": model, "reward": name, "mean": float(mean) if scalar else mean.tolist(),
+                         "std": float(std) if scalar else std.tolist(), "n": num_images, "guidance": guidance,
+                         "seed": seed, "sampler": sampler, "steps": steps}
+    return results
+
+
 def evaluate_reward(model: str, reward: str, num_images: int = 64, seed: int = 0, guidance: float = 1.0,
                     sampler: str = "dpm-solver++", steps: int = 20, prompts: Sequence[str] | None = None,
                     device: str = "cpu") -> dict:
     """Mean and standard deviation of ``reward`` over the fixed (prompt, seed) set of ``model`` (a built-in, a
-    diffusers directory or hub id, or a training output directory)."""
-    fn = build_reward(reward, base_model_name(model))
-    images, chosen = eval_images(model, num_images, seed, guidance, sampler, steps, prompts, device)
-    values = score(fn, images, chosen)
-    per_image = values.mean(1) if values.shape[1] == 1 else values
-    result = {"model": model, "reward": reward, "mean": per_image.mean(0).tolist(),
-              "std": per_image.std(0).tolist() if len(per_image) > 1 else 0.0, "n": num_images,
-              "guidance": guidance, "seed": seed, "sampler": sampler, "steps": steps}
-    if values.shape[1] == 1:
-        result["mean"], result["std"] = float(per_image.mean()), float(per_image.std()) if len(per_image) > 1 else 0.0
-    return result
+    diffusers directory or hub id, or a training output directory): ``{"model", "reward", "mean", "std", "n",
+    "guidance", "seed", "sampler", "steps"}`` (lists per objective for a vector reward ``"a,b"``)."""
+    return evaluate_rewards(model, [reward], num_images, seed, guidance, sampler, steps, prompts, device)[reward]
 
 
 def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: float = 1.0,

@@ -100,6 +100,7 @@ class Policy:
         self.forward_unet = self.unet
         """The module called when gradients are needed (the trainer sets it to the accelerate-wrapped UNet)."""
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._reference_depth = 0
 
     # ------------------------------------------------------------------ shapes and conditioning
     @property
@@ -149,11 +150,14 @@ class Policy:
         if self.lora is None:
             yield self.unet
             return
+        self._reference_depth += 1  # nested uses keep the adapter off until the outermost one ends
         set_adapters_enabled(self.unet, False)
         try:
             yield self.unet
         finally:
-            set_adapters_enabled(self.unet, True)
+            self._reference_depth -= 1
+            if self._reference_depth == 0:
+                set_adapters_enabled(self.unet, True)
 
     def _call(self, net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -222,22 +226,32 @@ class Policy:
 
 
 def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
-    """The pipeline of a training output directory: the base model with the trained LoRA (merged into the UNet by
-    default) or the fine-tuned UNet."""
+    """The pipeline of a training output directory, or of one of its checkpoints (``out/checkpoints/step-N``):
+    the base model with the trained LoRA (merged into the UNet by default) or the fine-tuned UNet."""
     from ..pipelines.class_conditional import load_pipeline
 
     out = Path(out_dir)
-    info = json.loads((out / ALIGNMENT_FILE).read_text())
+    if (out / "trainer_state.json").is_file():  # a checkpoint
+        info = json.loads((out / "trainer_state.json").read_text())
+        info["base_model"] = info["model"]
+        weights, prefix = out / "weights.safetensors", ""
+    elif (out / ALIGNMENT_FILE).is_file():
+        info = json.loads((out / ALIGNMENT_FILE).read_text())
+        weights, prefix = out / (LORA_WEIGHTS if not info.get("full_finetune") else "unet"), "unet."
+    else:
+        raise FileNotFoundError(f"{out} is neither a `diffalign train` output directory nor one of its checkpoints.")
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing; {out} is not a finished training output directory.")
     pipe = load_pipeline(info["base_model"], device=device)
     if info.get("full_finetune"):
-        pipe.unet.load_state_dict(type(pipe.unet).from_pretrained(out / "unet").state_dict())
-        return pipe
+        state = (load_file(str(weights)) if weights.is_file()
+                 else type(pipe.unet).from_pretrained(weights).state_dict())
+        pipe.unet.load_state_dict(state)
+        return pipe.to(device)
     lora = info["lora"]
-    settings = LoraSettings(rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["target_modules"])
-    weights = out / LORA_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing; {out} is not a finished training output directory.")
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(weights)).items()}
+    settings = LoraSettings(rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["target_modules"],
+                            init=lora.get("init", "gaussian"))
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(weights)).items()}
     inject_adapter_in_model(lora_config(pipe.unet, settings), pipe.unet)
     set_peft_model_state_dict(pipe.unet, state)
     if merge:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -29,6 +28,18 @@ from .policy import ALIGNMENT_FILE, LORA_WEIGHTS, Policy
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", ALIGNMENT_FILE, LORA_WEIGHTS)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the output directory and the trained policy (this process's copy)."""
+
+    out_dir: Path
+    policy: Policy
+
+    @property
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.out_dir / "metrics.jsonl")
 
 
 def step_seed(seed: int, step: int, process: int) -> int:
@@ -150,13 +161,32 @@ def _reduce(accelerator: Accelerator, values: dict[str, float]) -> dict[str, flo
     return {k: float(v) for k, v in zip(keys, gathered.nanmean(0).tolist(), strict=True)}
 
 
+def _backward(accelerator: Accelerator, unet, algo, batches: list[dict]) -> dict[str, float]:
+    """Back-propagate the losses of one optimizer step (every chunk of every accumulated batch, gradients synced
+    across processes only on the last) and return the step's statistics, weighted as the loss is."""
+    work = [(b, chunk, len(chunk) / sum(len(c) for c in algo.chunks(b)) / len(batches))
+            for b in batches for chunk in algo.chunks(b)]
+    stats: dict[str, float] = defaultdict(float)
+    for j, (batch, chunk, weight) in enumerate(work):
+        with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():
+            loss, chunk_stats = algo.loss(batch, chunk)
+            accelerator.backward(loss * weight)
+        for key, value in {"loss": float(loss.detach()), **chunk_stats}.items():
+            stats[key] += value * weight
+    for batch in batches:
+        for key, value in batch["stats"].items():
+            stats[key] += value / len(batches)
+    return dict(stats)
+
+
 def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True) -> Path:
-    """Train ``method`` with ``cfg`` into ``out_dir`` and return it.
+          progress: bool = True) -> TrainResult:
+    """Train ``method`` with ``cfg`` into ``out_dir``.
 
     ``resume``: ``"latest"`` or a checkpoint directory; ``overwrite`` replaces a run already in ``out_dir``.
     Works the same under ``accelerate launch`` with several processes (each samples its own data; gradients are
-    averaged; every process holds the same weights).
+    averaged; every process holds the same weights). A fresh run that fails before its first checkpoint (a reward
+    returning NaN, say) removes what it wrote.
     """
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -167,7 +197,10 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     if not isinstance(cfg, method_cls.config_class):
         raise TypeError(f"{method} needs a {method_cls.config_class.__name__}, got {type(cfg).__name__}.")
     out = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu",
+    # without an accelerator, processes started by `accelerate launch` / torchrun are CPU (gloo) processes
+    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
+    cpu = cfg.device == "cpu" or (cfg.device is None and not has_accelerator)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
     checkpoint = _prepare_output(out, resume, overwrite, accelerator)
 
@@ -201,57 +234,45 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
 
     start, images_seen = state["step"], state["images_seen"]
     t0 = time.perf_counter() - state["wall_s"]
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=method,
-               disable=not (progress and accelerator.is_main_process))
-    step = start
-    while step < cfg.max_steps:
-        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, accelerator.process_index))
-        batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
-        work = [(b, chunk, len(chunk) / sum(len(c) for c in algo.chunks(b)) / len(batches))
-                for b in batches for chunk in algo.chunks(b)]
-        stats: dict[str, float] = defaultdict(float)
-        for j, (batch, chunk, weight) in enumerate(work):
-            with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():
-                loss, chunk_stats = algo.loss(batch, chunk)
-                accelerator.backward(loss * weight)
-            stats["loss"] += float(loss.detach()) * weight
-            for key, value in chunk_stats.items():
-                stats[key] += value * weight
-        for batch in batches:
-            for key, value in batch["stats"].items():
-                stats[key] += value / len(batches)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
-        stats["grad_norm"] = float(grad_norm)
-        record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
-                  **_reduce(accelerator, dict(stats)), "lr": lr_scheduler.get_last_lr()[0]}
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in record.items()}) + "\n")
-        if cfg.tensorboard:
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        bar.update(1)
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "implicit_acc") if k in record})
-        out_of_time = cfg.max_minutes is not None and record["wall_s"] > 60 * cfg.max_minutes
-        stop = bool(accelerator.gather(torch.tensor([float(out_of_time)], device=accelerator.device)).max())
-        if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
-            save_checkpoint(accelerator, out, policy, optimizer, lr_scheduler,
-                            {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
-                            cfg.keep_checkpoints)
-        if stop:
-            break
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=method, disable=not (progress and accelerator.is_main_process))
+    try:
+        for step in range(start + 1, cfg.max_steps + 1):
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, step - 1, accelerator.process_index))
+            batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
+            stats = _backward(accelerator, unet, algo, batches)
+            stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
+            record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
+                      **_reduce(accelerator, stats), "lr": lr_scheduler.get_last_lr()[0]}
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({k: None if v != v else v for k, v in record.items()}) + "\n")
+            if cfg.tensorboard:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "implicit_acc") if k in record})
+            out_of_time = cfg.max_minutes is not None and record["wall_s"] > 60 * cfg.max_minutes
+            stop = bool(accelerator.gather(torch.tensor([float(out_of_time)], device=accelerator.device)).max())
+            if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+                save_checkpoint(accelerator, out, policy, optimizer, lr_scheduler,
+                                {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
+                                cfg.keep_checkpoints)
+            if stop:
+                break
+    except BaseException:
+        if checkpoint is None and accelerator.is_main_process and not (out / CHECKPOINTS).exists():
+            _clear_output(out)
+        raise
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         policy.save(out, cfg.model, method)
         plot_curves(metrics_path, out / "reward_curve.png")
     accelerator.end_training()
-    return out
+    return TrainResult(out, policy)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -208,7 +208,8 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", **kwarg
     if name_or_path.startswith("builtin:"):
         return builtin_pipeline(name_or_path, device=device)
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / "alignment.json").is_file():  # a `diffalign train` output directory
+    if path.is_dir() and any((path / f).is_file() for f in ("alignment.json", "trainer_state.json")):
+        # a `diffalign train` output directory or one of its checkpoints
         from ..align.policy import load_aligned_pipeline
 
         return load_aligned_pipeline(path, device=device)

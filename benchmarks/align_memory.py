@@ -1,0 +1,58 @@
+"""Peak memory of LoRA training with the adapter-disabled reference against a frozen deepcopy reference.
+
+    python benchmarks/align_memory.py --json benchmarks/results/align_memory.json
+
+Each configuration runs in its own process (a few D3PO steps) and reports its peak resident set size
+(``ru_maxrss``) and the bytes of the UNet a copy adds; on CUDA it also reports ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys, torch
+from diffalign.align import config_for, train
+model, reference, out = sys.argv[1], sys.argv[2], sys.argv[3]
+prompts = ["a photo of a cat", "a red dog"] if not model.startswith("builtin:") else None
+cfg = config_for("d3po", overrides={"model": model, "reward": "brightness", "reference": reference, "max_steps": 3,
+                                    "pairs_per_step": 4, "guidance": 1.0, "prompts": prompts, "checkpoint_every": 0})
+result = train("d3po", cfg, out, progress=False)
+unet = result.policy.unet
+cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "unet_mb": sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20,
+                  "cuda_peak_mb": cuda and cuda / 2**20}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+
+        tiny = Path(tmp) / "tiny-sd"
+        tiny_stable_diffusion_pipeline(seed=0).save_pretrained(tiny)
+        for label, model in (("builtin:fashion", "builtin:fashion"), ("tiny Stable Diffusion", str(tiny))):
+            for reference in ("adapter", "copy"):
+                out = Path(tmp) / f"run-{len(records)}"
+                proc = subprocess.run([sys.executable, "-c", CHILD, model, reference, str(out)], capture_output=True,
+                                      text=True, check=True)
+                rec = {"model": label, "reference": reference, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                records.append(rec)
+                print(f"{label:<24} reference={reference:<8} peak RSS {rec['peak_rss_mb']:8.1f} MB "
+                      f"(UNet weights {rec['unet_mb']:.1f} MB)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
