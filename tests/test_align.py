@@ -80,8 +80,8 @@ def test_stored_log_prob_equals_an_independent_gaussian_density(digits_pipe):
     policy = Policy(digits_pipe)
     sched = ddim_scheduler(policy, 5, eta=1.0)
     labels = policy.encode(["3", "seven"])
-    traj = sample_trajectories(policy, sched, labels, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
-                               guidance=3.0, generator=torch.Generator().manual_seed(2))
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    traj = sample_trajectories(policy, sched, labels, x_T, guidance=3.0, generator=torch.Generator().manual_seed(2))
     abar = sched.alphas_cumprod.double()
     ts = [int(t) for t in sched.timesteps]
     for i, t in enumerate(ts):
