@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-sampler", default="dpm-solver++")
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--fid-images", type=int, default=1000)
+    p.add_argument("--fid-every", type=int, default=0, help="also FID at every k-th checkpoint (0: base and final)")
     p.add_argument("--quality-reward", default="prompt_following", help="also tracked, as a quality check")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -65,16 +66,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = {**rewards(args.model), "step": 0, "wall_s": 0.0, "images_seen": 0}
     curve = [base]
-    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+    def fid(model: str) -> float:
+        return evaluate_fid(model, args.fid_images, args.eval_seed, args.guidance, args.eval_sampler,
+                            args.eval_steps)
+
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    for k, ckpt in enumerate(checkpoints, 1):
         step = int(ckpt.name.split("-")[1])
         curve.append({**rewards(str(ckpt)), "step": step, "wall_s": by_step[step]["wall_s"],
                       "images_seen": by_step[step]["images_seen"]})
+        if args.fid_every and k % args.fid_every == 0 and k != len(checkpoints):
+            curve[-1]["fid"] = fid(str(ckpt))
         print(f"step {step}: reward {curve[-1]['reward_mean']:.4f}, {args.quality_reward} "
-              f"{curve[-1]['quality_mean']:.3f}", flush=True)
-    fid_base = evaluate_fid(args.model, args.fid_images, args.eval_seed, args.guidance, args.eval_sampler,
-                            args.eval_steps)
-    fid_final = evaluate_fid(str(out), args.fid_images, args.eval_seed, args.guidance, args.eval_sampler,
-                             args.eval_steps)
+              f"{curve[-1]['quality_mean']:.3f}" + (f", FID {curve[-1]['fid']:.3f}" if "fid" in curve[-1] else ""),
+              flush=True)
+    fid_base, fid_final = fid(args.model), fid(str(out))
+    curve[0]["fid"], curve[-1]["fid"] = fid_base, fid_final
     final = curve[-1]
     record = {
         "method": args.method, "model": args.model, "reward": args.reward, "minutes": args.minutes,
@@ -118,7 +125,12 @@ def plot(record: dict, png: Path) -> None:
         ax.legend(fontsize=7)
     axes[2].plot([c["wall_s"] / 60 for c in curve], [c["quality_mean"] for c in curve], marker=".", color="C2")
     axes[2].set_xlabel("training wall time (min)")
-    axes[2].set_ylabel(record["quality_reward"])
+    axes[2].set_ylabel(record["quality_reward"], color="C2")
+    fids = [(c["wall_s"] / 60, c["fid"] / base["fid"]) for c in curve if c.get("fid") is not None]
+    twin = axes[2].twinx()
+    twin.plot([f[0] for f in fids], [f[1] for f in fids], marker="s", color="C3")
+    twin.axhline(2.0, color="C3", lw=0.8, ls="--")
+    twin.set_ylabel("FID / base FID", color="C3")
     fig.suptitle(f"{record['method']} on {record['model']}: FID {record['base']['fid']:.2f} -> "
                  f"{record['final']['fid']:.2f}", fontsize=9)
     fig.tight_layout()

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_eval_fid_stats)
 
     t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
-    t.add_argument("method", choices=["d3po"])
+    t.add_argument("method", choices=["d3po", "ddpo"])
     t.add_argument("--model", default=None, help="builtin:digits, builtin:fashion, a diffusers directory or hub id")
     t.add_argument("--reward", default=None, help="a registered reward; several joined by ',' are Pareto-compared")
     t.add_argument("--data", default=None, help="labelled pairs: an export-pairs directory with labels.jsonl")

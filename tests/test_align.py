@@ -175,6 +175,17 @@ def test_d3po_steps_raise_implicit_accuracy_and_the_reward(tmp_path, digits_pipe
     assert all(k in rows[0] for k in ("wall_s", "images_seen", "loss", "reward_mean", "implicit_acc"))
 
 
+def test_vector_reward_bf16_tensorboard_and_accumulation(tmp_path):
+    """A Pareto-compared vector reward, bf16 autocast, tensorboard logging and gradient accumulation together."""
+    out = tmp_path / "run"
+    result = train("d3po", cfg(reward="brightness,contrast", max_steps=2, mixed_precision="bf16", tensorboard=True,
+                               gradient_accumulation_steps=2), out, progress=False)
+    rows = result.metrics
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["ties"] <= 1 for r in rows)
+    assert rows[-1]["images_seen"] == 2 * 2 * 2 * 2
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
 def test_output_directory_loads_as_a_pipeline_and_samples_from_the_cli(tmp_path):
     from diffalign.cli import main
 
@@ -204,21 +215,21 @@ TRAIN_ARGS = ["train", "d3po", "--model", "builtin:digits", "--reward", "brightn
 
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    full = _cli(*TRAIN_ARGS, "--max-steps", "10", "--out", str(tmp_path / "full"))
-    killed = _cli(*TRAIN_ARGS, "--max-steps", "10", "--out", str(tmp_path / "cut"))
+    full = _cli(*TRAIN_ARGS, "--max-steps", "16", "--out", str(tmp_path / "full"))
+    killed = _cli(*TRAIN_ARGS, "--max-steps", "16", "--out", str(tmp_path / "cut"))
     deadline = time.time() + 120
     while not (tmp_path / "cut" / "checkpoints" / "step-000004").exists() and time.time() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert full.wait() == 0, full.stdout.read().decode()
-    resumed = _cli(*TRAIN_ARGS, "--max-steps", "10", "--out", str(tmp_path / "cut"), "--resume")
+    resumed = _cli(*TRAIN_ARGS, "--max-steps", "16", "--out", str(tmp_path / "cut"), "--resume")
     assert resumed.wait() == 0, resumed.stdout.read().decode()
     a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 11))
+    assert steps == list(range(1, 17))
     assert not list((tmp_path / "cut" / "checkpoints").glob(".tmp-*"))
 
 
@@ -355,3 +366,35 @@ def test_eval_reward_is_deterministic_and_writes_the_json_contract(tmp_path):
     assert a == b and {"model", "reward", "mean", "std", "n", "guidance", "seed"} <= set(a)
     assert 0.5 < a["mean"] <= 1.0 and a["n"] == 8
     assert main(["eval", "reward", "--model", "builtin:digits", "--reward", "nope", "--quiet"]) == 2
+
+
+# ---------------------------------------------------------------------- DDPO baseline
+def test_ddpo_loss_is_ppo_clip():
+    log_ratio = torch.tensor([0.0, 0.5, -0.5, 0.5], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    from diffalign.align.losses import ddpo_loss
+
+    loss = ddpo_loss(log_ratio, adv, clip_range=0.2)
+    r = log_ratio.detach().exp()
+    expected = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+    assert torch.allclose(loss, expected)
+    loss.sum().backward()
+    # ratio 1.65 > 1.2 with A > 0: the clipped term is larger, no gradient; ratio 0.61 with A > 0: unclipped wins
+    assert log_ratio.grad[1] == 0 and log_ratio.grad[2] < 0 and log_ratio.grad[0] == -1.0 and log_ratio.grad[3] > 0
+
+
+def test_ddpo_advantages_are_normalised_per_prompt():
+    from diffalign.align.methods.ddpo import prompt_advantages
+
+    adv = prompt_advantages(torch.tensor([1.0, 3.0, 10.0, 30.0, 5.0]), ["a", "a", "b", "b", "c"], clip=5.0)
+    assert torch.allclose(adv[:4], torch.tensor([-0.7071, 0.7071, -0.7071, 0.7071]), atol=1e-3)
+    assert abs(float(adv[4]) - (5.0 - 9.8) / torch.tensor([1.0, 3.0, 10.0, 30.0, 5.0]).std()) < 1e-3
+
+
+def test_ddpo_trains_on_the_same_engine(tmp_path):
+    result = train("ddpo", config_for("ddpo", overrides={**{k: v for k, v in FAST.items() if k != "pairs_per_step"},
+                                                           "images_per_step": 8, "max_steps": 3}),
+                   tmp_path / "run", progress=False)
+    rows = result.metrics
+    assert len(rows) == 3 and rows[-1]["images_seen"] == 24 and all(math.isfinite(r["loss"]) for r in rows)
+    assert any(v.abs().max() > 0 for k, v in result.policy.trainable_state_dict().items() if "lora_B" in k)

@@ -6,7 +6,7 @@
     pipe = diffalign.load_pipeline("runs/d3po")       # the aligned pipeline
 """
 
-from .config import D3POConfig, LoraSettings, TrainConfig, config_for
+from .config import D3POConfig, DDPOConfig, LoraSettings, TrainConfig, config_for
 from .evaluate import evaluate_reward, evaluate_rewards
 from .methods import METHODS, get_method
 from .policy import Policy, load_aligned_pipeline
@@ -15,6 +15,7 @@ from .trainer import read_metrics, train
 __all__ = [
     "METHODS",
     "D3POConfig",
+    "DDPOConfig",
     "LoraSettings",
     "Policy",
     "TrainConfig",

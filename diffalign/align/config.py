@@ -67,6 +67,7 @@ class D3POConfig(TrainConfig):
     reward: str | None = "jpeg_compressibility"
     """A registered reward, or several joined by "," compared by Pareto dominance (vector reward)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward's factory (for a vector reward: ``{reward name: {...}}``)."""
     labels: str | None = None
     """Human labels (``diffalign align export-pairs``): the pairs directory's ``labels.jsonl``; replaces the reward."""
     pairs: str | None = None
@@ -83,7 +84,26 @@ class D3POConfig(TrainConfig):
     """Fraction of each trajectory's steps trained on (a random subset, as ``train.timestep_fraction``)."""
 
 
-METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig}
+@dataclass
+class DDPOConfig(TrainConfig):
+    """DDPO (Black et al., ICLR 2024), the baseline D3PO compares against: PPO-clip on the DDIM step
+    log-probabilities with reward advantages. Defaults follow ddpo-pytorch's ``config/base.py`` (LoRA lr 3e-4, clip
+    range 1e-4, advantages clipped to +-5) but 20 steps instead of 50, as D3PO samples."""
+
+    reward: str = "jpeg_compressibility"
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_steps: int = 20
+    eta: float = 1.0
+    guidance: float = 5.0
+    lr: float = 3e-4
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    images_per_step: int = 8
+    """Images sampled on-policy (per process) for one optimizer step (per accumulation step)."""
+    timestep_fraction: float = 1.0
+
+
+METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig, "ddpo": DDPOConfig}
 
 
 def _coerce(value: str) -> Any:

@@ -39,3 +39,10 @@ def implicit_accuracy(log_ratio_0: torch.Tensor, log_ratio_1: torch.Tensor, pref
     decided = preference != 0
     right = (preference * (log_ratio_0 - log_ratio_1) > 0) & decided
     return right.sum() / decided.sum() if decided.any() else torch.tensor(float("nan"))
+
+
+def ddpo_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float = 1e-4) -> torch.Tensor:
+    """DDPO's clipped surrogate (Black et al. 2024, PPO-clip per denoising step), elementwise:
+    ``max(-A r, -A clamp(r, 1 - clip_range, 1 + clip_range))`` with r = pi_theta / pi_old = exp(log_ratio)."""
+    ratio = torch.exp(log_ratio)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))

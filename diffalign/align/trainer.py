@@ -132,7 +132,8 @@ def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, polic
     return state
 
 
-def _prepare_output(out: Path, resume: str | None, overwrite: bool, accelerator: Accelerator) -> Path | None:
+def _prepare_output(out: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume (or None); refuses to train into a directory holding another run."""
     holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
     if resume is not None and overwrite:
         raise ValueError("pass either --resume or --overwrite, not both.")
@@ -159,6 +160,20 @@ def _reduce(accelerator: Accelerator, values: dict[str, float]) -> dict[str, flo
     local = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     gathered = accelerator.gather(local[None]).reshape(-1, len(keys))
     return {k: float(v) for k, v in zip(keys, gathered.nanmean(0).tolist(), strict=True)}
+
+
+def _accelerator(**kwargs) -> Accelerator:
+    """An Accelerator; in a single process, one with other settings than an earlier run's replaces that run's
+    state (accelerate keeps one state per process), so several runs can follow each other in one session."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as err:
+        if "already been initialized" not in str(err) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
 
 
 def _backward(accelerator: Accelerator, unet, algo, batches: list[dict]) -> dict[str, float]:
@@ -200,9 +215,9 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     # without an accelerator, processes started by `accelerate launch` / torchrun are CPU (gloo) processes
     has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
     cpu = cfg.device == "cpu" or (cfg.device is None and not has_accelerator)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
-                              log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
-    checkpoint = _prepare_output(out, resume, overwrite, accelerator)
+    accelerator = _accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
+                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
+    checkpoint = _prepare_output(out, resume, overwrite)
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     policy = Policy(load_pipeline(cfg.model, device=accelerator.device), cfg.lora, cfg.full_finetune, cfg.reference)
@@ -238,8 +253,9 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     try:
         for step in range(start + 1, cfg.max_steps + 1):
             gen = torch.Generator().manual_seed(step_seed(cfg.seed, step - 1, accelerator.process_index))
-            batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
-            stats = _backward(accelerator, unet, algo, batches)
+            with accelerator.autocast():  # sampling, policy and reference in the same (mixed) precision
+                batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
+                stats = _backward(accelerator, unet, algo, batches)
             stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
             optimizer.step()
             lr_scheduler.step()

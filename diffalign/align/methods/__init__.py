@@ -13,8 +13,9 @@ A method is a class with
 from __future__ import annotations
 
 from .d3po import D3PO
+from .ddpo import DDPO
 
-METHODS = {"d3po": D3PO}
+METHODS = {"d3po": D3PO, "ddpo": DDPO}
 
 
 def get_method(name: str):

@@ -42,8 +42,8 @@ def build_reward(spec: str, model: str, kwargs: dict | None = None):
     if not names:
         raise ValueError("no reward given; name one (see `diffalign.rewards.available_rewards()`).")
     per = {}
-    for name in names:
-        kw = dict((kwargs or {}).get(name, kwargs or {}) if len(names) > 1 else (kwargs or {}))
+    for name in names:  # a vector reward's kwargs are keyed by reward name
+        kw = dict((kwargs or {}).get(name, {}) if len(names) > 1 else (kwargs or {}))
         if "model" not in kw and model.startswith("builtin:") and reward_accepts(name, "model"):
             kw["model"] = model
         per[name] = kw
@@ -105,6 +105,8 @@ class D3PO:
             self.num_steps, self.eta, self.guidance = cfg.num_steps, cfg.eta, cfg.guidance
             self.prompts = default_prompts(policy, cfg.prompts)
         self.sched = ddim_scheduler(policy, self.num_steps, self.eta)
+        self.stochastic_steps = [i for i in range(self.num_steps) if self.sched.coefficients(i)[2] > 0]
+        """Steps with a log-probability (the last step to sigma = 0 is deterministic)."""
         self.images_per_batch = 2 * cfg.pairs_per_step
 
     # ------------------------------------------------------------------ data
@@ -124,14 +126,10 @@ class D3PO:
             batch = {"latents": pairs["latents"], "cond": pairs["cond"], "preference": preference,
                      "stats": {"reward_mean": float(rewards.mean()),
                                "ties": float((preference == 0).float().mean())}}
-        stochastic = [i for i, s in enumerate(self.sched_stds()) if s > 0]
-        keep = max(1, round(self.cfg.timestep_fraction * len(stochastic)))
-        order = torch.randperm(len(stochastic), generator=generator)[:keep].sort().values
-        batch["steps"] = [stochastic[i] for i in order]
+        keep = max(1, round(self.cfg.timestep_fraction * len(self.stochastic_steps)))
+        order = torch.randperm(len(self.stochastic_steps), generator=generator)[:keep].sort().values
+        batch["steps"] = [self.stochastic_steps[i] for i in order]
         return batch
-
-    def sched_stds(self) -> list[float]:
-        return [self.sched.coefficients(i)[2] for i in range(len(self.sched.timesteps))]
 
     def chunks(self, batch: dict) -> list[list[int]]:
         return [batch["steps"]]

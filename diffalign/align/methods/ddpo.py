@@ -1,0 +1,70 @@
+"""DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICLR 2024), the baseline of the
+D3PO paper: images sampled with stochastic DDIM, rewards turned into advantages (normalised over the images of
+each prompt in the batch, clipped), and PPO's clipped surrogate on every step's log-probability ratio to the
+sampling policy. One optimizer step per sampled batch (the ratio starts at 1), on the same trajectory code as D3PO.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DDPOConfig
+from ..losses import ddpo_loss
+from ..policy import Policy
+from ..trajectory import ddim_scheduler, sample_trajectories, step_log_probs
+from .d3po import build_reward, default_prompts, score
+
+
+def prompt_advantages(rewards: torch.Tensor, prompts: list[str], clip: float) -> torch.Tensor:
+    """(r - mean) / std over the images of the same prompt (over the whole batch where a prompt has one image)."""
+    adv = torch.empty_like(rewards)
+    for prompt in set(prompts):
+        idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        group = rewards[idx] if len(idx) > 1 else rewards
+        adv[idx] = (rewards[idx] - group.mean()) / (group.std() + 1e-6)
+    return adv.clamp(-clip, clip)
+
+
+class DDPO:
+    """DDPO on the alignment engine."""
+
+    name = "ddpo"
+    config_class = DDPOConfig
+
+    def __init__(self, cfg: DDPOConfig, policy: Policy):
+        if cfg.eta <= 0 or cfg.images_per_step < 2:
+            raise ValueError("DDPO needs eta > 0 and images_per_step >= 2.")
+        self.cfg, self.policy = cfg, policy
+        self.reward = build_reward(cfg.reward, cfg.model, cfg.reward_kwargs)
+        self.prompts = default_prompts(policy, cfg.prompts)
+        self.sched = ddim_scheduler(policy, cfg.num_steps, cfg.eta)
+        self.stochastic_steps = [i for i in range(cfg.num_steps) if self.sched.coefficients(i)[2] > 0]
+        self.images_per_batch = cfg.images_per_step
+
+    def collect(self, generator: torch.Generator) -> dict:
+        n = self.cfg.images_per_step
+        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (n,), generator=generator)]
+        cond = self.policy.encode(prompts)
+        x_T = torch.randn((n, *self.policy.latent_shape), generator=generator)
+        traj = sample_trajectories(self.policy, self.sched, cond, x_T, self.cfg.guidance, generator)
+        rewards = score(self.reward, self.policy.decode(traj.final), prompts)
+        if rewards.shape[1] != 1:
+            raise ValueError("DDPO needs a scalar reward; combine vector rewards with mode='sum'.")
+        keep = max(1, round(self.cfg.timestep_fraction * len(self.stochastic_steps)))
+        order = torch.randperm(len(self.stochastic_steps), generator=generator)[:keep].sort().values
+        steps = [self.stochastic_steps[i] for i in order]
+        return {"latents": traj.latents, "log_probs": traj.log_probs, "cond": cond, "steps": steps,
+                "advantages": prompt_advantages(rewards[:, 0], prompts, self.cfg.adv_clip_max).to(cond.device),
+                "stats": {"reward_mean": float(rewards.mean())}}
+
+    def chunks(self, batch: dict) -> list[list[int]]:
+        return [batch["steps"]]
+
+    def loss(self, batch: dict, steps: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        log_p = step_log_probs(self.policy, self.sched, batch["latents"], steps, batch["cond"], self.cfg.guidance)
+        log_ratio = log_p - batch["log_probs"][:, steps].to(log_p.dtype)
+        adv = batch["advantages"][:, None].expand_as(log_ratio)
+        loss = ddpo_loss(log_ratio, adv, self.cfg.clip_range).mean()
+        clipped = (log_ratio.detach().exp() - 1).abs() > self.cfg.clip_range
+        return loss, {"clip_fraction": float(clipped.float().mean()),
+                      "log_ratio_abs": float(log_ratio.detach().abs().mean())}
