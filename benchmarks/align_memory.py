@@ -2,8 +2,9 @@
 
     python benchmarks/align_memory.py --json benchmarks/results/align_memory.json
 
-Each configuration runs in its own process (a few D3PO steps) and reports its peak resident set size
-(``ru_maxrss``) and the bytes of the UNet a copy adds; on CUDA it also reports ``torch.cuda.max_memory_allocated``.
+Each configuration runs in its own process: the resident memory the policy adds when it is built (LoRA + its
+reference), then a few D3PO steps and their peak resident set size (``ru_maxrss``); on CUDA it also reports
+``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,28 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys, torch
-from diffalign.align import config_for, train
+import diffalign
+from diffalign.align import LoraSettings, Policy, config_for, train
 model, reference, out = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+
+pipe = diffalign.load_pipeline(model)
+before = rss_mb()
+policy = Policy(pipe, LoraSettings(), reference=reference)
+setup_mb = rss_mb() - before
+nets = [policy.unet] + ([policy._reference_unet] if policy._reference_unet is not None else [])
+weights_mb = sum(t.numel() * t.element_size() for net in nets for t in net.state_dict().values()) / 2**20
+del policy, pipe, nets
 prompts = ["a photo of a cat", "a red dog"] if not model.startswith("builtin:") else None
 cfg = config_for("d3po", overrides={"model": model, "reward": "brightness", "reference": reference, "max_steps": 3,
                                     "pairs_per_step": 4, "guidance": 1.0, "prompts": prompts, "checkpoint_every": 0})
 result = train("d3po", cfg, out, progress=False)
 unet = result.policy.unet
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "policy_setup_mb": setup_mb,
+                  "policy_weights_mb": weights_mb,
                   "unet_mb": sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20,
                   "cuda_peak_mb": cuda and cuda / 2**20}))
 """
@@ -48,8 +62,10 @@ def main() -> None:
                                       text=True, check=True)
                 rec = {"model": label, "reference": reference, **json.loads(proc.stdout.strip().splitlines()[-1])}
                 records.append(rec)
-                print(f"{label:<24} reference={reference:<8} peak RSS {rec['peak_rss_mb']:8.1f} MB "
-                      f"(UNet weights {rec['unet_mb']:.1f} MB)", flush=True)
+                print(f"{label:<24} reference={reference:<8} UNet(s) + LoRA {rec['policy_weights_mb']:5.1f} MB, "
+                      f"policy set-up +{rec['policy_setup_mb']:5.1f} MB RSS, "
+                      f"training peak RSS {rec['peak_rss_mb']:8.1f} MB (UNet weights {rec['unet_mb']:.1f} MB)",
+                      flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
 

@@ -82,6 +82,9 @@ class D3POConfig(TrainConfig):
     """Pairs sampled on-policy (per process) and trained on for one optimizer step (per accumulation step)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (a random subset, as ``train.timestep_fraction``)."""
+    steps_per_backward: int = 0
+    """Back-propagate the trajectory's steps in groups of this many (less activation memory, same gradient);
+    0: all steps in one batched pass."""
 
 
 @dataclass

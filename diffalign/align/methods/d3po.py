@@ -132,7 +132,8 @@ class D3PO:
         return batch
 
     def chunks(self, batch: dict) -> list[list[int]]:
-        return [batch["steps"]]
+        k = self.cfg.steps_per_backward or len(batch["steps"])
+        return [batch["steps"][i:i + k] for i in range(0, len(batch["steps"]), k)]
 
     # ------------------------------------------------------------------ loss
     def loss(self, batch: dict, steps: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
