@@ -126,6 +126,8 @@ def test_prompt_following_reward_is_high_for_the_true_class_and_low_otherwise():
     wrong, _ = reward(images, [str((int(k) + 3) % 10) for k in labels])
     assert right.mean() > 0.8 and wrong.mean() < 0.1
     assert (info["predicted"] == labels).float().mean() > 0.9
+    log_prob, _ = get_reward("prompt_log_prob", model="builtin:digits")(images, [str(int(k)) for k in labels])
+    assert torch.allclose(log_prob.exp(), right, atol=1e-6) and (log_prob <= 0).all()
     confidence, _ = get_reward("classifier_confidence", model="builtin:digits")(images, [""] * 40)
     assert (confidence >= right - 1e-6).all()
     with pytest.raises(ValueError, match="names no class"):

@@ -61,49 +61,58 @@ class TrainConfig:
 
 
 @dataclass
-class D3POConfig(TrainConfig):
-    """D3PO (Yang et al., CVPR 2024). Defaults are the paper's code (``config/base.py``) unless noted."""
+class RolloutConfig(TrainConfig):
+    """Methods that sample stochastic DDIM trajectories with the policy and score them with a reward."""
 
     reward: str | None = "jpeg_compressibility"
-    """A registered reward, or several joined by "," compared by Pareto dominance (vector reward)."""
+    """A registered reward, or several joined by "," (a vector reward, compared by Pareto dominance in D3PO)."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward's factory (for a vector reward: ``{reward name: {...}}``)."""
-    labels: str | None = None
-    """Human labels (``diffalign align export-pairs``): the pairs directory's ``labels.jsonl``; replaces the reward."""
-    pairs: str | None = None
-    """Directory written by ``diffalign align export-pairs`` (trajectories to train on with ``labels``)."""
     num_steps: int = 20
     eta: float = 1.0
     guidance: float = 5.0
-    beta: float = 0.1
-    clip: float = 0.1
-    """Ratio clamp [1 - clip, 1 + clip] (``train.eps``)."""
-    pairs_per_step: int = 4
-    """Pairs sampled on-policy (per process) and trained on for one optimizer step (per accumulation step)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps trained on (a random subset, as ``train.timestep_fraction``)."""
     steps_per_backward: int = 0
     """Back-propagate the trajectory's steps in groups of this many (less activation memory, same gradient);
     0: all steps in one batched pass."""
 
+    def check(self) -> None:
+        """Raise a ValueError naming the bad value."""
+        if self.eta <= 0:
+            raise ValueError(f"eta must be > 0 (the log-probabilities need stochastic DDIM steps), got {self.eta}.")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
+        if self.steps_per_backward < 0:
+            raise ValueError(f"steps_per_backward must be >= 0, got {self.steps_per_backward}.")
+
 
 @dataclass
-class DDPOConfig(TrainConfig):
+class D3POConfig(RolloutConfig):
+    """D3PO (Yang et al., CVPR 2024). Defaults are the paper's code (``config/base.py``) unless noted."""
+
+    labels: str | None = None
+    """Human labels (``diffalign align export-pairs``): the pairs directory's ``labels.jsonl``; replaces the reward."""
+    pairs: str | None = None
+    """Directory written by ``diffalign align export-pairs`` (trajectories to train on with ``labels``)."""
+    beta: float = 0.1
+    clip: float = 0.1
+    """Ratio clamp [1 - clip, 1 + clip] (``train.eps``)."""
+    pairs_per_step: int = 4
+    """Pairs sampled on-policy (per process) and trained on for one optimizer step (per accumulation step)."""
+
+
+@dataclass
+class DDPOConfig(RolloutConfig):
     """DDPO (Black et al., ICLR 2024), the baseline D3PO compares against: PPO-clip on the DDIM step
     log-probabilities with reward advantages. Defaults follow ddpo-pytorch's ``config/base.py`` (LoRA lr 3e-4, clip
     range 1e-4, advantages clipped to +-5) but 20 steps instead of 50, as D3PO samples."""
 
-    reward: str = "jpeg_compressibility"
-    reward_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_steps: int = 20
-    eta: float = 1.0
-    guidance: float = 5.0
     lr: float = 3e-4
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     images_per_step: int = 8
     """Images sampled on-policy (per process) for one optimizer step (per accumulation step)."""
-    timestep_fraction: float = 1.0
 
 
 METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig, "ddpo": DDPOConfig}

@@ -23,6 +23,23 @@ def ddim_scheduler(policy: Policy, num_steps: int, eta: float) -> DDIMScheduler:
     return sched
 
 
+def stochastic_steps(sched: DDIMScheduler) -> list[int]:
+    """Indices of the steps with a log-probability (std > 0; the last step to sigma = 0 is deterministic)."""
+    return [i for i in range(len(sched.timesteps)) if sched.coefficients(i)[2] > 0]
+
+
+def pick_steps(steps: list[int], fraction: float, generator: torch.Generator) -> list[int]:
+    """A random subset (in order) of ``fraction`` of the steps, at least one."""
+    keep = max(1, round(fraction * len(steps)))
+    return [steps[i] for i in torch.randperm(len(steps), generator=generator)[:keep].sort().values]
+
+
+def step_groups(steps: list[int], size: int) -> list[list[int]]:
+    """``steps`` in groups of ``size`` (0: one group), back-propagated one after another."""
+    size = size or len(steps)
+    return [steps[i:i + size] for i in range(0, len(steps), size)]
+
+
 @dataclass
 class Trajectories:
     """Sampled trajectories of N images: ``latents`` [N, T + 1, ...] (x_T first), ``log_probs`` [N, T] of each

@@ -42,3 +42,10 @@ def classifier_confidence(model: str = "builtin:fashion"):
     """Max class probability of the shipped classifier: an offline "aesthetic" proxy (clear, typical items)."""
     log_probs, _ = _classifier_and_labels(model)
     return lambda images, prompts, metadata: (log_probs(images).exp().amax(-1), {})
+
+
+@register_reward("prompt_log_prob", differentiable=True)
+def prompt_log_prob(model: str = "builtin:fashion"):
+    """Log-probability the shipped classifier gives to the prompted class (``prompt_following`` on a log scale:
+    the same ranking of images, without the ceiling at 1)."""
+    return prompt_following(model=model, log=True)

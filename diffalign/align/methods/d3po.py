@@ -20,7 +20,14 @@ from ...rewards.registry import reward_accepts
 from ..config import D3POConfig
 from ..losses import d3po_loss, implicit_accuracy
 from ..policy import Policy
-from ..trajectory import ddim_scheduler, sample_trajectories, step_log_probs
+from ..trajectory import (
+    ddim_scheduler,
+    pick_steps,
+    sample_trajectories,
+    step_groups,
+    step_log_probs,
+    stochastic_steps,
+)
 
 PAIRS_META = "pairs.json"
 PAIRS_TENSORS = "pairs.safetensors"
@@ -80,12 +87,9 @@ class D3PO:
     config_class = D3POConfig
 
     def __init__(self, cfg: D3POConfig, policy: Policy):
+        cfg.check()
         if not 0 < cfg.clip < 1:
             raise ValueError(f"clip must be in (0, 1), got {cfg.clip}.")
-        if cfg.eta <= 0:
-            raise ValueError(f"eta must be > 0 (D3PO needs stochastic DDIM steps), got {cfg.eta}.")
-        if not 0 < cfg.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}.")
         if cfg.pairs_per_step < 1:
             raise ValueError(f"pairs_per_step must be >= 1, got {cfg.pairs_per_step}.")
         self.cfg, self.policy = cfg, policy
@@ -105,8 +109,7 @@ class D3PO:
             self.num_steps, self.eta, self.guidance = cfg.num_steps, cfg.eta, cfg.guidance
             self.prompts = default_prompts(policy, cfg.prompts)
         self.sched = ddim_scheduler(policy, self.num_steps, self.eta)
-        self.stochastic_steps = [i for i in range(self.num_steps) if self.sched.coefficients(i)[2] > 0]
-        """Steps with a log-probability (the last step to sigma = 0 is deterministic)."""
+        self.stochastic_steps = stochastic_steps(self.sched)
         self.images_per_batch = 2 * cfg.pairs_per_step
 
     # ------------------------------------------------------------------ data
@@ -126,14 +129,11 @@ class D3PO:
             batch = {"latents": pairs["latents"], "cond": pairs["cond"], "preference": preference,
                      "stats": {"reward_mean": float(rewards.mean()),
                                "ties": float((preference == 0).float().mean())}}
-        keep = max(1, round(self.cfg.timestep_fraction * len(self.stochastic_steps)))
-        order = torch.randperm(len(self.stochastic_steps), generator=generator)[:keep].sort().values
-        batch["steps"] = [self.stochastic_steps[i] for i in order]
+        batch["steps"] = pick_steps(self.stochastic_steps, self.cfg.timestep_fraction, generator)
         return batch
 
     def chunks(self, batch: dict) -> list[list[int]]:
-        k = self.cfg.steps_per_backward or len(batch["steps"])
-        return [batch["steps"][i:i + k] for i in range(0, len(batch["steps"]), k)]
+        return step_groups(batch["steps"], self.cfg.steps_per_backward)
 
     # ------------------------------------------------------------------ loss
     def loss(self, batch: dict, steps: list[int]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -11,7 +11,14 @@ import torch
 from ..config import DDPOConfig
 from ..losses import ddpo_loss
 from ..policy import Policy
-from ..trajectory import ddim_scheduler, sample_trajectories, step_log_probs
+from ..trajectory import (
+    ddim_scheduler,
+    pick_steps,
+    sample_trajectories,
+    step_groups,
+    step_log_probs,
+    stochastic_steps,
+)
 from .d3po import build_reward, default_prompts, score
 
 
@@ -32,13 +39,15 @@ class DDPO:
     config_class = DDPOConfig
 
     def __init__(self, cfg: DDPOConfig, policy: Policy):
-        if cfg.eta <= 0 or cfg.images_per_step < 2:
-            raise ValueError("DDPO needs eta > 0 and images_per_step >= 2.")
+        cfg.check()
+        if cfg.images_per_step < 2 or cfg.reward is None:
+            raise ValueError(f"DDPO needs a reward and images_per_step >= 2 (got {cfg.reward!r}, "
+                             f"{cfg.images_per_step}).")
         self.cfg, self.policy = cfg, policy
         self.reward = build_reward(cfg.reward, cfg.model, cfg.reward_kwargs)
         self.prompts = default_prompts(policy, cfg.prompts)
         self.sched = ddim_scheduler(policy, cfg.num_steps, cfg.eta)
-        self.stochastic_steps = [i for i in range(cfg.num_steps) if self.sched.coefficients(i)[2] > 0]
+        self.stochastic_steps = stochastic_steps(self.sched)
         self.images_per_batch = cfg.images_per_step
 
     def collect(self, generator: torch.Generator) -> dict:
@@ -50,15 +59,13 @@ class DDPO:
         rewards = score(self.reward, self.policy.decode(traj.final), prompts)
         if rewards.shape[1] != 1:
             raise ValueError("DDPO needs a scalar reward; combine vector rewards with mode='sum'.")
-        keep = max(1, round(self.cfg.timestep_fraction * len(self.stochastic_steps)))
-        order = torch.randperm(len(self.stochastic_steps), generator=generator)[:keep].sort().values
-        steps = [self.stochastic_steps[i] for i in order]
-        return {"latents": traj.latents, "log_probs": traj.log_probs, "cond": cond, "steps": steps,
+        return {"latents": traj.latents, "log_probs": traj.log_probs, "cond": cond,
+                "steps": pick_steps(self.stochastic_steps, self.cfg.timestep_fraction, generator),
                 "advantages": prompt_advantages(rewards[:, 0], prompts, self.cfg.adv_clip_max).to(cond.device),
                 "stats": {"reward_mean": float(rewards.mean())}}
 
     def chunks(self, batch: dict) -> list[list[int]]:
-        return [batch["steps"]]
+        return step_groups(batch["steps"], self.cfg.steps_per_backward)
 
     def loss(self, batch: dict, steps: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         log_p = step_log_probs(self.policy, self.sched, batch["latents"], steps, batch["cond"], self.cfg.guidance)
