@@ -137,7 +137,8 @@ def test_d3po_steps_raise_implicit_accuracy_and_the_reward(tmp_path, digits_pipe
     """20 D3PO steps on builtin:digits toward brightness: on 256 held-out pairs of the base model the trained
     policy ranks the brighter image higher (implicit accuracy of the summed step log-ratios > 0.6; it is 0, all
     ties, at initialisation; 0.68-0.70 measured), and the mean brightness of samples from fixed noise rises."""
-    from diffalign.align.methods.d3po import sample_pairs, score
+    from diffalign.align.methods.d3po import sample_pairs
+    from diffalign.align.rewarding import score
     from diffalign.rewards import get_reward, pareto_compare
 
     n = 256

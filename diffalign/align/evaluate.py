@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .methods.d3po import build_reward, default_prompts, score
 from .policy import ALIGNMENT_FILE, Policy
+from .rewarding import build_reward, score
 from .trajectory import generate
 
 
@@ -35,7 +35,7 @@ def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
     policy = Policy(load_pipeline(model, device=device))
-    names = default_prompts(policy, prompts)
+    names = policy.training_prompts(prompts)
     chosen = [names[i % len(names)] for i in range(num_images)]
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_images, *policy.latent_shape), generator=gen)

@@ -123,6 +123,14 @@ class Policy:
                 self.pipe.prompt_to_label(p)
         return prompts
 
+    def training_prompts(self, prompts: Sequence[str] | None) -> list[str]:
+        """The given prompts (validated), or every class name of a class-conditional model."""
+        if prompts is None:
+            if self.is_text:
+                raise ValueError("a text-to-image model needs prompts: set `prompts` (a list of strings).")
+            prompts = list(self.pipe.config.class_names)
+        return self.check_prompts(prompts)
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Conditioning of each prompt: class labels [N] or text embeddings [N, L, D]."""

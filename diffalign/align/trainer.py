@@ -179,8 +179,11 @@ def _accelerator(**kwargs) -> Accelerator:
 def _backward(accelerator: Accelerator, unet, algo, batches: list[dict]) -> dict[str, float]:
     """Back-propagate the losses of one optimizer step (every chunk of every accumulated batch, gradients synced
     across processes only on the last) and return the step's statistics, weighted as the loss is."""
-    work = [(b, chunk, len(chunk) / sum(len(c) for c in algo.chunks(b)) / len(batches))
-            for b in batches for chunk in algo.chunks(b)]
+    work = []
+    for b in batches:
+        chunks = algo.chunks(b)
+        total = sum(len(c) for c in chunks)
+        work += [(b, chunk, len(chunk) / total / len(batches)) for chunk in chunks]
     stats: dict[str, float] = defaultdict(float)
     for j, (batch, chunk, weight) in enumerate(work):
         with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():

@@ -42,13 +42,11 @@ def step_groups(steps: list[int], size: int) -> list[list[int]]:
 
 @dataclass
 class Trajectories:
-    """Sampled trajectories of N images: ``latents`` [N, T + 1, ...] (x_T first), ``log_probs`` [N, T] of each
-    step under the sampling policy (0 where the step is deterministic), the step ``stds`` [T] and ``timesteps``."""
+    """Sampled trajectories of N images: ``latents`` [N, T + 1, ...] (x_T first) and ``log_probs`` [N, T] of each
+    step under the sampling policy (0 where the step is deterministic)."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor
-    stds: torch.Tensor
-    timesteps: torch.Tensor
 
     @property
     def final(self) -> torch.Tensor:
@@ -60,7 +58,7 @@ def sample_trajectories(policy: Policy, sched: DDIMScheduler, cond: torch.Tensor
                         guidance: float = 1.0, generator: torch.Generator | None = None) -> Trajectories:
     """Sample with the policy (classifier-free guided with ``guidance``) from noise ``x_T`` (unit variance)."""
     x = x_T.to(device=policy.device, dtype=policy.dtype) * sched.init_noise_sigma
-    latents, log_probs, stds = [x], [], []
+    latents, log_probs = [x], []
     for i, t in enumerate(sched.timesteps):
         out = policy.predict(sched.scale_model_input(x, t), t, cond, guidance)
         mean, std = sched.transition(out, x, i)
@@ -72,9 +70,7 @@ def sample_trajectories(policy: Policy, sched: DDIMScheduler, cond: torch.Tensor
             x = mean
             log_probs.append(torch.zeros(x.shape[0], device=x.device))
         latents.append(x)
-        stds.append(std)
-    return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1), torch.tensor(stds),
-                        sched.timesteps.clone())
+    return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1))
 
 
 def step_log_probs(policy: Policy, sched: DDIMScheduler, latents: torch.Tensor, steps: Sequence[int],

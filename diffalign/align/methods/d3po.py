@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...rewards import combine, get_reward, pareto_compare
-from ...rewards.registry import reward_accepts
+from ...rewards import pareto_compare
 from ..config import D3POConfig
 from ..losses import d3po_loss, implicit_accuracy
 from ..policy import Policy
+from ..rewarding import build_reward, score
 from ..trajectory import (
     ddim_scheduler,
     pick_steps,
@@ -33,41 +33,6 @@ PAIRS_META = "pairs.json"
 PAIRS_TENSORS = "pairs.safetensors"
 
 
-def default_prompts(policy: Policy, prompts: Sequence[str] | None) -> list[str]:
-    """The configured prompts, or every class name of a class-conditional model."""
-    if prompts is None:
-        if policy.is_text:
-            raise ValueError("a text-to-image model needs training prompts: set `prompts` (a list of strings).")
-        prompts = list(policy.pipe.config.class_names)
-    return policy.check_prompts(prompts)
-
-
-def build_reward(spec: str, model: str, kwargs: dict | None = None):
-    """A reward by name; ``"a,b"`` is the vector reward of both (Pareto-compared). Classifier rewards of the
-    shipped models default to the model being trained."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise ValueError("no reward given; name one (see `diffalign.rewards.available_rewards()`).")
-    per = {}
-    for name in names:  # a vector reward's kwargs are keyed by reward name
-        kw = dict((kwargs or {}).get(name, {}) if len(names) > 1 else (kwargs or {}))
-        if "model" not in kw and model.startswith("builtin:") and reward_accepts(name, "model"):
-            kw["model"] = model
-        per[name] = kw
-    if len(names) == 1:
-        return get_reward(names[0], **per[names[0]])
-    return combine(names, mode="vector", **per)
-
-
-def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Rewards [N, K] of the images; a non-finite reward is an error naming the reward."""
-    values, _ = reward(images, prompts)
-    if not torch.isfinite(values).all():
-        raise FloatingPointError(f"reward {getattr(reward, 'name', reward)!r} returned NaN/Inf for "
-                                 f"{int((~torch.isfinite(values)).sum())} of {values.numel()} values; fix the reward.")
-    return values.reshape(values.shape[0], -1)
-
-
 @torch.no_grad()
 def sample_pairs(policy: Policy, sched, prompts: list[str], guidance: float, generator: torch.Generator) -> dict:
     """Pairs sharing prompt and initial noise: latents [P, 2, T + 1, ...], conditioning, decoded images [2P, ...]."""
@@ -76,8 +41,7 @@ def sample_pairs(policy: Policy, sched, prompts: list[str], guidance: float, gen
     x_T = torch.randn((p, *policy.latent_shape), generator=generator)
     traj = sample_trajectories(policy, sched, torch.cat([cond, cond]), torch.cat([x_T, x_T]), guidance, generator)
     latents = torch.stack([traj.latents[:p], traj.latents[p:]], 1)
-    return {"latents": latents, "cond": cond, "prompts": prompts, "stds": traj.stds,
-            "images": policy.decode(traj.final)}
+    return {"latents": latents, "cond": cond, "images": policy.decode(traj.final)}
 
 
 class D3PO:
@@ -107,7 +71,7 @@ class D3PO:
                 raise ValueError("set a `reward` or train on human labels (`pairs` + `labels`).")
             self.reward = build_reward(cfg.reward, cfg.model, cfg.reward_kwargs)
             self.num_steps, self.eta, self.guidance = cfg.num_steps, cfg.eta, cfg.guidance
-            self.prompts = default_prompts(policy, cfg.prompts)
+            self.prompts = policy.training_prompts(cfg.prompts)
         self.sched = ddim_scheduler(policy, self.num_steps, self.eta)
         self.stochastic_steps = stochastic_steps(self.sched)
         self.images_per_batch = 2 * cfg.pairs_per_step
@@ -165,7 +129,7 @@ def export_pairs(model: str, out: str | Path, prompts: Sequence[str] | None = No
     if (out / PAIRS_META).exists():
         raise FileExistsError(f"{out} already holds exported pairs; choose another directory.")
     policy = Policy(load_pipeline(model, device=device))
-    prompts = default_prompts(policy, prompts)
+    prompts = policy.training_prompts(prompts)
     sched = ddim_scheduler(policy, num_steps, eta)
     gen = torch.Generator().manual_seed(seed)
     chosen = [prompts[i] for i in torch.randint(len(prompts), (num_pairs,), generator=gen)]

@@ -11,6 +11,7 @@ import torch
 from ..config import DDPOConfig
 from ..losses import ddpo_loss
 from ..policy import Policy
+from ..rewarding import build_reward, score
 from ..trajectory import (
     ddim_scheduler,
     pick_steps,
@@ -19,7 +20,6 @@ from ..trajectory import (
     step_log_probs,
     stochastic_steps,
 )
-from .d3po import build_reward, default_prompts, score
 
 
 def prompt_advantages(rewards: torch.Tensor, prompts: list[str], clip: float) -> torch.Tensor:
@@ -45,7 +45,7 @@ class DDPO:
                              f"{cfg.images_per_step}).")
         self.cfg, self.policy = cfg, policy
         self.reward = build_reward(cfg.reward, cfg.model, cfg.reward_kwargs)
-        self.prompts = default_prompts(policy, cfg.prompts)
+        self.prompts = policy.training_prompts(cfg.prompts)
         self.sched = ddim_scheduler(policy, cfg.num_steps, cfg.eta)
         self.stochastic_steps = stochastic_steps(self.sched)
         self.images_per_batch = cfg.images_per_step
