@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=1.0, help="training and evaluation guidance")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--checkpoint-every", type=int, default=15)
+    p.add_argument("--checkpoint-minutes", type=float, default=None, help="checkpoint by wall time instead")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--skip-train", action="store_true", help="evaluate the run already in --out")
     p.add_argument("--eval-images", type=int, default=64)
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fid-images", type=int, default=1000)
     p.add_argument("--fid-every", type=int, default=0, help="also FID at every k-th checkpoint (0: base and final)")
     p.add_argument("--quality-reward", default="prompt_following", help="also tracked, as a quality check")
+    p.add_argument("--base-fid", type=float, default=None, help="the base model's FID (same settings), if known")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     overrides = [f"model={json.dumps(args.model)}", f"reward={json.dumps(args.reward)}", f"lr={args.lr}",
                  f"guidance={args.guidance}", f"max_minutes={args.minutes}", "max_steps=1000000",
-                 f"checkpoint_every={args.checkpoint_every}", "keep_checkpoints=100000", *args.set]
+                 f"checkpoint_every={0 if args.checkpoint_minutes else args.checkpoint_every}",
+                 f"checkpoint_minutes={json.dumps(args.checkpoint_minutes)}", "keep_checkpoints=100000", *args.set]
     cfg = config_for(args.method, overrides=overrides)
     if not args.skip_train:
         train(args.method, cfg, out, overwrite=True)
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"step {step}: reward {curve[-1]['reward_mean']:.4f}, {args.quality_reward} "
               f"{curve[-1]['quality_mean']:.3f}" + (f", FID {curve[-1]['fid']:.3f}" if "fid" in curve[-1] else ""),
               flush=True)
-    fid_base, fid_final = fid(args.model), fid(str(out))
+    fid_base = args.base_fid if args.base_fid is not None else fid(args.model)
+    fid_final = fid(str(out))
     curve[0]["fid"], curve[-1]["fid"] = fid_base, fid_final
     final = curve[-1]
     record = {

@@ -180,9 +180,13 @@ def _train(args) -> None:
         value = getattr(args, key, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if args.data is not None:  # an export-pairs directory with its labels.jsonl
+    if args.data is not None and args.method == "d3po":  # an export-pairs directory with its labels.jsonl
         overrides = [f"pairs={json.dumps(args.data)}", f"labels={json.dumps(str(Path(args.data) / 'labels.jsonl'))}",
                      "reward=null", *overrides]
+    elif args.data is not None:
+        if args.method == "ddpo":
+            raise ValueError("ddpo trains on-policy only; drop --data.")
+        overrides = [f"data={json.dumps(args.data)}", *overrides]
     if args.device is not None:
         overrides.append(f"device={json.dumps(args.device)}")
     cfg = config_for(args.method, args.config, overrides)
@@ -202,6 +206,16 @@ def _eval_reward(args) -> None:
           + f" (n={result['n']}, guidance {args.guidance:g})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _data_synth(args) -> None:
+    from .align.synth import synthesize
+
+    rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    out = synthesize(args.out, args.model or ["builtin:digits"], rewards, args.prompt, args.num_prompts, args.k,
+                     args.sampler or ["dpm-solver++"], args.steps, args.guidance, args.seed,
+                     device=args.device or "cpu", progress=not args.quiet)
+    print(f"wrote {out}/rankings.jsonl; train on it with `diffalign train rankdpo --data {out} --model ...`")
 
 
 def _export_pairs(args) -> None:
@@ -330,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_eval_fid_stats)
 
     t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
-    t.add_argument("method", choices=["d3po", "ddpo"])
+    t.add_argument("method", choices=["d3po", "ddpo", "diffusion-dpo", "rankdpo", "smpo"])
     t.add_argument("--model", default=None, help="builtin:digits, builtin:fashion, a diffusers directory or hub id")
     t.add_argument("--reward", default=None, help="a registered reward; several joined by ',' are Pareto-compared")
-    t.add_argument("--data", default=None, help="labelled pairs: an export-pairs directory with labels.jsonl")
+    t.add_argument("--data", default=None, help="d3po: an export-pairs directory with labels.jsonl; diffusion-dpo, "
+                   "rankdpo, smpo: a preference dataset (pairs.jsonl / rankings.jsonl + images)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--config", default=None, help="YAML file of config values")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. lora.rank=8")
@@ -360,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.set_defaults(func=_export_pairs)
 
+    da = sub.add_parser("data", help="preference datasets")
+    dasub = da.add_subparsers(dest="what", required=True)
+    ds = dasub.add_parser("synth", help="k images per prompt scored by n rewards: a ranked dataset (resumable)")
+    ds.add_argument("--model", action="append", default=None, help="model (repeatable; default builtin:digits)")
+    ds.add_argument("--sampler", action="append", default=None, help="sampler (repeatable; default dpm-solver++)")
+    ds.add_argument("--rewards", required=True, help="rewards joined by ',' (the ensemble that ranks the images)")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--prompt", action="append", default=None, help="prompt (repeatable; default: every class)")
+    ds.add_argument("--num-prompts", type=int, default=None, help="rows (prompts cycled; default one per prompt)")
+    ds.add_argument("--k", type=int, default=4, help="images per prompt")
+    ds.add_argument("--steps", type=int, default=20)
+    ds.add_argument("--guidance", type=float, default=1.0)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(func=_data_synth)
+
     m = sub.add_parser("models", help="list the available models")
     m.add_argument("action", choices=["list"])
     m.set_defaults(func=_models)
@@ -367,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (s, bs, cd, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    for sp in (t, er, ap):
+    for sp in (t, er, ap, ds):
         sp.add_argument("--device", default=None, help="default: cpu (train: accelerate's choice)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -6,7 +6,18 @@
     pipe = diffalign.load_pipeline("runs/d3po")       # the aligned pipeline
 """
 
-from .config import D3POConfig, DDPOConfig, LoraSettings, TrainConfig, config_for
+from .config import (
+    D3POConfig,
+    DDPOConfig,
+    DiffusionDPOConfig,
+    LoraSettings,
+    PreferenceConfig,
+    RankDPOConfig,
+    SmPOConfig,
+    TrainConfig,
+    config_for,
+)
+from .data import PreferenceData, load_preferences
 from .evaluate import evaluate_reward, evaluate_rewards
 from .methods import METHODS, get_method
 from .policy import Policy, load_aligned_pipeline
@@ -16,6 +27,11 @@ __all__ = [
     "METHODS",
     "D3POConfig",
     "DDPOConfig",
+    "DiffusionDPOConfig",
+    "PreferenceConfig",
+    "PreferenceData",
+    "RankDPOConfig",
+    "SmPOConfig",
     "LoraSettings",
     "Policy",
     "TrainConfig",
@@ -23,6 +39,7 @@ __all__ = [
     "evaluate_reward",
     "evaluate_rewards",
     "get_method",
+    "load_preferences",
     "load_aligned_pipeline",
     "read_metrics",
     "train",

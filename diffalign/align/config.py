@@ -53,6 +53,8 @@ class TrainConfig:
     """LoRA only: "adapter" (the UNet with its adapter disabled, no second copy) or "copy" (a frozen deepcopy)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     checkpoint_every: int = 50
+    checkpoint_minutes: float | None = None
+    """Also checkpoint whenever this much training wall time has passed since the last checkpoint."""
     keep_checkpoints: int = 2
     log_every: int = 1
     tensorboard: bool = False
@@ -115,7 +117,99 @@ class DDPOConfig(RolloutConfig):
     """Images sampled on-policy (per process) for one optimizer step (per accumulation step)."""
 
 
-METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig, "ddpo": DDPOConfig}
+@dataclass
+class PreferenceConfig(TrainConfig):
+    """The DPO family (Diffusion-DPO, RankDPO, SmPO): offline from a preference dataset (``data``), or on-policy
+    from images the current model samples and ``reward`` ranks."""
+
+    data: str | None = None
+    """A preference dataset directory (``pairs.jsonl`` / ``rankings.jsonl``, or a saved ``datasets`` dataset)."""
+    reward: str | None = None
+    """On-policy: the reward that ranks the sampled images. Offline: rank the data by this reward's stored scores
+    instead of its labels (None: the labels)."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-4
+    beta: float = 5000.0
+    """In the per-element-mean, times-1/2 convention of the Diffusion-DPO code (see ``losses.dpo_logits``)."""
+    prompts_per_step: int = 4
+    """Prompts (dataset rows) per optimizer step (per process and accumulation step)."""
+    k: int = 2
+    """On-policy: images sampled per prompt (RankDPO ranks k; Diffusion-DPO and SmPO train on one pair of them)."""
+    caption_dropout: float = 0.0
+    """Fraction of prompts trained unconditionally (the original Diffusion-DPO code uses 0.2; diffusers' port 0)."""
+    resize: bool = False
+    """Resize and centre-crop dataset images of another size to the model's (otherwise such images are an error)."""
+    guidance: float = 1.0
+    """On-policy sampling guidance."""
+    sampler: str = "dpm-solver++"
+    """On-policy sampler."""
+    sample_steps: int = 20
+
+    def check(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}.")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 images per prompt (a preference compares images), got {self.k}.")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}.")
+        if self.data is None and self.reward is None:
+            raise ValueError("give a preference dataset (`data`, `--data DIR`) or a `reward` to label on-policy "
+                             "samples.")
+
+
+@dataclass
+class DiffusionDPOConfig(PreferenceConfig):
+    """Diffusion-DPO (Wallace et al., CVPR 2024): beta 5000 as the authors' launchers."""
+
+
+@dataclass
+class RankDPOConfig(PreferenceConfig):
+    """RankDPO (Karthik et al., ICCV 2025). The paper gives no beta or learning rate; these are Diffusion-DPO's."""
+
+    k: int = 4
+    ranking: str = "predicted"
+    """Ranks in the DCG discount: "predicted" (the current model's, Fig. 2) or "label" (phi's, Eq. 6)."""
+    weighting: str = "dcg"
+    """"dcg": the gain x discount weights of Eq. 6; "none": every decided pair weighs 1 (DPO over all pairs)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.ranking not in ("predicted", "label"):
+            raise ValueError(f"ranking must be 'predicted' or 'label', got {self.ranking!r}.")
+        if self.weighting not in ("dcg", "none"):
+            raise ValueError(f"weighting must be 'dcg' or 'none', got {self.weighting!r}.")
+
+
+@dataclass
+class SmPOConfig(PreferenceConfig):
+    """SmPO-Diffusion (Lu et al., ICML 2025); defaults from the authors' SD1.5 launcher and code."""
+
+    beta: float = 2000.0
+    gamma: float = 10.0
+    """The sensitivity: the logit is scaled by gamma (2p - 1)."""
+    score_low: float | None = 0.11543526500463486
+    score_high: float | None = 0.28201571106910706
+    """Scores are normalised as (s - low) / (high - low) before p = sigmoid(s~_w - s~_l). The defaults are the
+    authors' PickScore constants; null takes the lowest / highest score of the dataset (or of each on-policy
+    batch)."""
+    inversion_steps: int = 5
+    """DDIM inversion steps to the sampled t (0: random forward noise instead of inversion)."""
+    renoise: int = 1
+    """ReNoise iterations per inversion step (the authors' code: 1, two model calls per step)."""
+
+    def check(self) -> None:
+        super().check()
+        if self.inversion_steps < 0 or self.renoise < 0:
+            raise ValueError("inversion_steps and renoise must be >= 0.")
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}.")
+
+
+METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig, "ddpo": DDPOConfig,
+                                                "diffusion-dpo": DiffusionDPOConfig, "rankdpo": RankDPOConfig,
+                                                "smpo": SmPOConfig}
 
 
 def _coerce(value: str) -> Any:
@@ -138,6 +232,10 @@ def _assign(obj: Any, dotted: str, value: Any, source: str) -> None:
     if dataclasses.is_dataclass(current) and isinstance(value, dict):
         for key, sub in value.items():
             _assign(current, key, sub, source)
+        return
+    optional = "None" in str({f.name: f.type for f in dataclasses.fields(obj)}[last])
+    if value is None and optional:
+        setattr(obj, last, None)
         return
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"{source}: {dotted} must be true or false, got {value!r}.")

@@ -46,3 +46,101 @@ def ddpo_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: flo
     ``max(-A r, -A clamp(r, 1 - clip_range, 1 + clip_range))`` with r = pi_theta / pi_old = exp(log_ratio)."""
     ratio = torch.exp(log_ratio)
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
+
+
+# ---------------------------------------------------------------------- the DPO family (Diffusion-DPO, RankDPO, SmPO)
+def noise_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error averaged over all but the batch dimension (the per-element mean of the Diffusion-DPO code): [N]."""
+    return ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+
+
+def dpo_logits(s_w: torch.Tensor, s_l: torch.Tensor, beta: float) -> torch.Tensor:
+    """-(beta / 2) (s_w - s_l): the preference logit of Diffusion-DPO (Wallace et al. 2024, Supp. Eq. 46; the
+    ``scale_term = -0.5 * beta_dpo`` of the authors' code), where ``s = error(policy) - error(reference)`` per image
+    (:func:`noise_error`, a per-element mean). The 1/2 keeps the published beta = 2000-5000 meaningful: the paper's
+    Eq. 14 folds it (and T omega(lambda_t)) into beta; diffusers' SD1.5 port drops it and halves beta instead."""
+    return -0.5 * beta * (s_w - s_l)
+
+
+def diffusion_dpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, beta: float = 5000.0) -> torch.Tensor:
+    """Diffusion-DPO, elementwise: ``-log sigmoid(-beta/2 (s_w - s_l))``; the winner's and the loser's errors are
+    taken at the same t and noise."""
+    return -F.logsigmoid(dpo_logits(s_w, s_l, beta))
+
+
+def dpo_implicit_accuracy(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs whose winner improved more on the reference than the loser (exact ties count 1/2, as the
+    diffusers port)."""
+    return ((s_w < s_l).float() + 0.5 * (s_w == s_l).float()).mean()
+
+
+def rank_gains(phi: torch.Tensor) -> torch.Tensor:
+    """RankDPO's gain G = 2^phi - 1 (Eq. 6)."""
+    return torch.pow(2.0, phi) - 1.0
+
+
+def rank_dpo_weights(phi: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)| with D(tau) = ln(1 + tau) (RankDPO Eq. 6, the DCG /
+    LambdaLoss weight), for the images of each prompt: phi [P, k] and 1-based ranks tau [P, k] -> [P, k, k]."""
+    g = rank_gains(phi)
+    inv_d = 1.0 / torch.log1p(ranks.to(phi.dtype))
+    return (g[:, :, None] - g[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()
+
+
+def ranks_of(values: torch.Tensor, descending: bool) -> torch.Tensor:
+    """1-based ranks along the last dimension (1 = first in the given order; ties broken by position)."""
+    order = torch.sort(values, dim=-1, descending=descending, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, device=values.device).expand_as(order))
+    return ranks
+
+
+def rank_dpo_loss(s: torch.Tensor, phi: torch.Tensor, beta: float = 5000.0, ranking: str = "predicted",
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """RankDPO (Karthik et al., ICCV 2025, Eq. 7) per prompt: ``sum over pairs with phi_i > phi_j of
+    Delta_ij * -log sigmoid(-beta/2 (s_i - s_j))`` for scores s [P, k] (:func:`noise_error` differences, one t and
+    one noise per prompt) and soft labels phi [P, k] (pairwise win fractions) -> [P].
+
+    The discount's ranks tau come from ``ranking``:
+
+    * ``"predicted"`` (default): the current model's ranking, s ascending (the lowest error relative to the
+      reference ranks first), as the paper's Figure 2 and the LambdaLoss / LiPO-lambda objectives it builds on
+      describe; the weights then carry no gradient;
+    * ``"label"``: the ranking by phi (Eq. 6 and Algorithm 2 as written; with k = 2 this is the paper's "DPO + gain
+      weights" ablation).
+
+    ``weights`` [P, k, k] replaces Delta (all ones: Diffusion-DPO summed over every decided pair). The 1/2 in the
+    logit is Diffusion-DPO's convention, so the same beta means the same pair term.
+    """
+    if s.shape != phi.shape or s.dim() != 2 or s.shape[1] < 2:
+        raise ValueError(f"rank_dpo_loss needs scores and labels of shape [prompts, k >= 2], got {tuple(s.shape)} "
+                         f"and {tuple(phi.shape)}.")
+    if weights is None:
+        if ranking not in ("predicted", "label"):
+            raise ValueError(f"ranking must be 'predicted' or 'label', got {ranking!r}.")
+        ranks = ranks_of(s.detach(), descending=False) if ranking == "predicted" else ranks_of(phi, descending=True)
+        weights = rank_dpo_weights(phi.to(s.dtype), ranks)
+    better = (phi[:, :, None] > phi[:, None, :]).to(s.dtype)  # i preferred over j
+    pair = -F.logsigmoid(dpo_logits(s[:, :, None], s[:, None, :], beta))
+    return (weights.detach() * better * pair).sum((1, 2))
+
+
+def smpo_preference(score_w: torch.Tensor, score_l: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """SmPO's smoothed preference p = sigmoid(s~_w - s~_l) of two reward scores normalised as
+    s~ = (s - low) / (high - low) (the authors' code: PickScore cosines with low / high = 0.1154 / 0.2820)."""
+    scale = high - low
+    if not scale > 0:
+        raise ValueError(f"SmPO's score normalisation needs high > low, got low={low}, high={high}.")
+    return torch.sigmoid((score_w - score_l) / scale)
+
+
+def smpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, p: torch.Tensor, beta: float = 2000.0,
+              gamma: float = 10.0) -> torch.Tensor:
+    """SmPO-Diffusion (Lu et al., ICML 2025), elementwise: ``-log sigmoid(gamma (2p - 1) * -beta/2 (s_w - s_l))``.
+
+    The winner's likelihood is replaced by the mixture p(x^w)^alpha p(x^l)^(gamma - alpha) with alpha / gamma = p,
+    which scales the Diffusion-DPO logit by 2 alpha - gamma = gamma (2p - 1) (the authors' code:
+    ``scale = -0.5 * beta * (2p - 1) * 10``). As p -> 1/2 (equal scores) the loss tends to log 2 with no gradient;
+    p = 1 with gamma = 1 is Diffusion-DPO.
+    """
+    return -F.logsigmoid(gamma * (2.0 * p - 1.0) * dpo_logits(s_w, s_l, beta))

@@ -113,6 +113,35 @@ class Policy:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the pipeline makes."""
+        c, h, w = self.latent_shape
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            return (c, h, w)
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return (vae.config.out_channels, h * f, w * f)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The training noise schedule alphabar_t, t = 0 .. T - 1 (float64, on the policy's device)."""
+        return self.pipe.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float64)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.prediction_type
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images [N, C, H, W] in [0, 1]: the VAE posterior mean times its scaling factor, or
+        ``2 x - 1`` for pixel-space models (the inverse of :meth:`decode`)."""
+        vae = getattr(self.pipe, "vae", None)
+        x = images.to(device=self.device, dtype=torch.float32) * 2 - 1
+        if vae is None:
+            return x.to(self.dtype)
+        return (vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor).to(self.dtype)
+
     def check_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Validate prompts where they enter (an empty list, or a class name the model does not know, is an error)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

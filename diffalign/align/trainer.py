@@ -252,6 +252,7 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
 
     start, images_seen = state["step"], state["images_seen"]
     t0 = time.perf_counter() - state["wall_s"]
+    last_saved = state["wall_s"]
     bar = tqdm(total=cfg.max_steps, initial=start, desc=method, disable=not (progress and accelerator.is_main_process))
     try:
         for step in range(start + 1, cfg.max_steps + 1):
@@ -274,8 +275,12 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "implicit_acc") if k in record})
             out_of_time = cfg.max_minutes is not None and record["wall_s"] > 60 * cfg.max_minutes
-            stop = bool(accelerator.gather(torch.tensor([float(out_of_time)], device=accelerator.device)).max())
-            if stop or step == cfg.max_steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
+            timed = cfg.checkpoint_minutes is not None and record["wall_s"] - last_saved >= 60 * cfg.checkpoint_minutes
+            flags = accelerator.gather(torch.tensor([[float(out_of_time), float(timed)]], device=accelerator.device))
+            stop, timed = (bool(v) for v in flags.amax(0))  # every process decides alike
+            if (stop or timed or step == cfg.max_steps
+                    or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                last_saved = record["wall_s"]
                 save_checkpoint(accelerator, out, policy, optimizer, lr_scheduler,
                                 {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
                                 cfg.keep_checkpoints)

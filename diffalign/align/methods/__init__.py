@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from .d3po import D3PO
 from .ddpo import DDPO
+from .diffusion_dpo import DiffusionDPO
+from .rankdpo import RankDPO
+from .smpo import SmPO
 
-METHODS = {"d3po": D3PO, "ddpo": DDPO}
+METHODS = {"d3po": D3PO, "ddpo": DDPO, "diffusion-dpo": DiffusionDPO, "rankdpo": RankDPO, "smpo": SmPO}
 
 
 def get_method(name: str):

@@ -1,0 +1,348 @@
+"""The DPO family on the alignment engine: loss maths against the papers' formulas, preference datasets, synthetic
+rankings, ReNoise inversion, training (shipped model and tiny Stable Diffusion) and bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffalign
+from diffalign.align import Policy, config_for, train
+from diffalign.align.config import LoraSettings
+from diffalign.align.data import load_preferences, phi_from_scores
+from diffalign.align.inversion import ddim_denoise, invert
+from diffalign.align.losses import (
+    diffusion_dpo_loss,
+    rank_dpo_loss,
+    smpo_loss,
+    smpo_preference,
+)
+from diffalign.align.methods import get_method
+from diffalign.align.synth import synthesize
+from diffalign.images import save_image
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+# ---------------------------------------------------------------------- loss maths
+def test_diffusion_dpo_loss_is_the_papers_formula():
+    s_w, s_l = torch.tensor([1e-4, -3e-4, 2e-4]), torch.tensor([-2e-4, 1e-4, 2e-4])
+    got = diffusion_dpo_loss(s_w, s_l, beta=5000.0)
+    for i in range(3):  # -log sigma(-beta/2 (s_w - s_l)), Supp. Eq. 46 with the code's mean-over-pixels errors
+        assert got[i].item() == pytest.approx(-math.log(sigmoid(-0.5 * 5000 * (s_w[i] - s_l[i]).item())), rel=1e-5)
+
+
+def direct_rank_dpo(s: list[float], phi: list[float], beta: float, ranks: list[int]) -> float:
+    """Eq. 6-7 written out with loops."""
+    total = 0.0
+    for i in range(len(s)):
+        for j in range(len(s)):
+            if phi[i] > phi[j]:
+                delta = abs(2 ** phi[i] - 2 ** phi[j]) * abs(1 / math.log(1 + ranks[i]) - 1 / math.log(1 + ranks[j]))
+                total += delta * -math.log(sigmoid(-0.5 * beta * (s[i] - s[j])))
+    return total
+
+
+def test_rank_dpo_loss_is_eq7_with_predicted_or_label_ranks():
+    s = [3e-4, -1e-4, 2e-4, 0.5e-4]
+    phi = [1.0, 2 / 3, 0.0, 1 / 3]
+    st, pt = torch.tensor([s]), torch.tensor([phi])
+    predicted = [4, 1, 3, 2]  # s ascending: the model ranks image 1 first
+    label = [1, 2, 4, 3]  # phi descending
+    assert rank_dpo_loss(st, pt, 5000.0, "predicted").item() == pytest.approx(
+        direct_rank_dpo(s, phi, 5000.0, predicted), rel=1e-5)
+    assert rank_dpo_loss(st, pt, 5000.0, "label").item() == pytest.approx(
+        direct_rank_dpo(s, phi, 5000.0, label), rel=1e-5)
+
+
+def test_rank_dpo_with_two_images_and_unit_weights_is_diffusion_dpo():
+    s_w, s_l = torch.randn(5) * 1e-3, torch.randn(5) * 1e-3
+    s, phi = torch.stack([s_w, s_l], 1), torch.tensor([[1.0, 0.0]] * 5)
+    got = rank_dpo_loss(s, phi, 3000.0, weights=torch.ones(5, 2, 2))
+    assert torch.allclose(got, diffusion_dpo_loss(s_w, s_l, 3000.0), atol=1e-6)
+
+
+def test_smpo_loss_is_the_authors_formula_and_a_hard_preference_is_diffusion_dpo():
+    s_w, s_l = torch.randn(6) * 1e-3, torch.randn(6) * 1e-3
+    score_w, score_l = torch.rand(6) * 0.1 + 0.2, torch.rand(6) * 0.1 + 0.1
+    lo, hi = 0.11543526500463486, 0.28201571106910706
+    p = smpo_preference(score_w, score_l, lo, hi)
+    for i in range(6):  # preprocessing.py / train.py: softmax of the normalised scores, scale -0.5 beta (2p-1) 10
+        nw, nl = (score_w[i].item() - lo) / (hi - lo), (score_l[i].item() - lo) / (hi - lo)
+        prob = math.exp(nw) / (math.exp(nw) + math.exp(nl))
+        assert p[i].item() == pytest.approx(prob, rel=1e-5)
+        scale = -0.5 * 2000 * (2 * prob - 1) * 10
+        ref = -math.log(sigmoid(scale * (s_w[i] - s_l[i]).item()))
+        assert smpo_loss(s_w, s_l, p, 2000.0, 10.0)[i].item() == pytest.approx(ref, rel=1e-4)
+    hard = smpo_loss(s_w, s_l, torch.ones(6), beta=2000.0, gamma=1.0)
+    assert torch.allclose(hard, diffusion_dpo_loss(s_w, s_l, 2000.0), atol=1e-7)
+    equal = smpo_loss(s_w.requires_grad_(), s_l, torch.full((6,), 0.5))
+    assert torch.allclose(equal, torch.full((6,), math.log(2)))
+    assert torch.autograd.grad(equal.sum(), s_w)[0].abs().max() == 0
+
+
+def test_phi_is_the_fraction_of_pairwise_wins_over_rewards():
+    a = torch.tensor([[3.0, 1.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    phi = phi_from_scores({"a": a, "b": b})
+    # wins: image 0: 3 (a) + 1 (b); image 1: 0 + 2; image 2: 1 + 3 (2 vs 2 is no win); image 3: 1 + 0
+    assert torch.allclose(phi, torch.tensor([[4, 2, 4, 1]]) / 6.0)
+
+
+# ---------------------------------------------------------------------- the methods on a real policy
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    return synthesize(out, ["builtin:digits"], ["brightness", "jpeg_compressibility"], num_prompts=24, k=4,
+                      steps=8, batch_prompts=12, progress=False)
+
+
+def method_with_batch(name: str, data: Path, **overrides):
+    torch.manual_seed(0)
+    cfg = config_for(name, overrides={"model": "builtin:digits", "data": str(data), "reward": "brightness",
+                                      "prompts_per_step": 3, "score_low": None, "score_high": None,
+                                      "inversion_steps": 2, **overrides} if name == "smpo" else
+                     {"model": "builtin:digits", "data": str(data), "reward": "brightness", "prompts_per_step": 3,
+                      **overrides})
+    policy = Policy(diffalign.load_pipeline("builtin:digits"), LoraSettings())
+    algo = get_method(name)(cfg, policy)
+    return algo, algo.collect(torch.Generator().manual_seed(1))
+
+
+def gradient(algo, batch) -> torch.Tensor:
+    params = algo.policy.trainable_parameters()
+    for prm in params:
+        prm.grad = None
+    loss, _ = algo.loss(batch, algo.chunks(batch)[0])
+    loss.backward()
+    return torch.cat([prm.grad.flatten() for prm in params])
+
+
+@pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
+def test_swapping_winner_and_loser_flips_the_gradient(tmp_path, name):
+    algo, batch = method_with_batch(name, write_pairs(tmp_path / "pairs", 8, channels=1, prompts=("3", "7"), n=4))
+    g = gradient(algo, batch)
+    swapped = dict(batch)
+    order = torch.arange(batch["noisy"].shape[1]).flip(0)
+    for key in ("noisy", "target"):  # the images change places, the labels (and scores) stay: the loser now wins
+        swapped[key] = batch[key][:, order]
+    g_swapped = gradient(algo, swapped)
+    assert g.abs().max() > 0
+    assert torch.allclose(g_swapped, -g, atol=1e-6 * float(g.abs().max()) + 1e-12)
+
+
+def test_winner_and_loser_share_t_and_noise_and_smpo_inverts(ranked):
+    _, batch = method_with_batch("diffusion-dpo", ranked)
+    assert torch.equal(batch["target"][:, 0], batch["target"][:, 1])  # the same epsilon for both images
+    assert (batch["phi"][:, 0] > batch["phi"][:, 1]).all()  # winner first
+    _, batch = method_with_batch("smpo", ranked)
+    assert not torch.allclose(batch["target"][:, 0], batch["target"][:, 1])  # image-dependent inverted noise
+    assert (batch["scores"][:, 0] > batch["scores"][:, 1]).all()
+
+
+def test_inversion_reconstructs_a_sample_and_renoise_is_not_worse():
+    policy = Policy(diffalign.load_pipeline("builtin:digits"))
+    cond = policy.encode([str(i % 10) for i in range(16)])
+    z_T = torch.randn((16, *policy.latent_shape), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for n in (5, 10):
+        x0 = ddim_denoise(policy, z_T, cond, 999, n)
+        for r in (0, 1):
+            back = ddim_denoise(policy, invert(policy, x0, cond, 999, n, renoise=r), cond, 999, n)
+            errors[n, r] = float(((back - x0) ** 2).mean())
+    assert errors[10, 0] < errors[5, 0]
+    assert errors[5, 1] <= errors[5, 0] and errors[10, 1] <= errors[10, 0]
+    # inverting to a small t is nearly exact
+    x0 = ddim_denoise(policy, z_T, cond, 999, 10)
+    back = ddim_denoise(policy, invert(policy, x0, cond, 50, 5, renoise=1), cond, 50, 5)
+    assert float(((back - x0) ** 2).mean()) < 1e-3
+
+
+# ---------------------------------------------------------------------- training
+@pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
+def test_training_on_ranked_data_raises_the_target_reward(tmp_path, ranked, name):
+    from diffalign.align import evaluate_reward
+
+    extra = {"score_low": None, "score_high": None, "inversion_steps": 2} if name == "smpo" else {}
+    cfg = config_for(name, overrides={"model": "builtin:digits", "data": str(ranked), "reward": "brightness",
+                                      "lr": 3e-3, "max_steps": 25, "prompts_per_step": 6, "checkpoint_every": 0,
+                                      **extra})
+    result = train(name, cfg, tmp_path / name, progress=False)
+    assert all(math.isfinite(m["loss"]) for m in result.metrics)
+    before = evaluate_reward("builtin:digits", "brightness", num_images=64, seed=7)["mean"]
+    after = evaluate_reward(str(tmp_path / name), "brightness", num_images=64, seed=7)["mean"]
+    assert after > before + 0.01, (before, after)
+
+
+@pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
+def test_on_policy_training_logs_reward_and_implicit_accuracy(tmp_path, name):
+    cfg = config_for(name, overrides={"model": "builtin:digits", "reward": "brightness", "max_steps": 2,
+                                      "prompts_per_step": 2, "sample_steps": 4, "checkpoint_every": 0,
+                                      **({"inversion_steps": 1} if name == "smpo" else {})})
+    metrics = train(name, cfg, tmp_path / name, progress=False).metrics
+    assert len(metrics) == 2 and "reward_mean" in metrics[-1] and "implicit_acc" in metrics[-1]
+
+
+def write_pairs(root: Path, size: int, channels: int = 3, n: int = 3, scores: bool = True,
+                prompts: tuple[str, str] = ("a red dog", "a photo of a cat")) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        files = [f"{i}_{j}.png" for j in range(2)]
+        for f in files:
+            save_image(torch.rand(channels, size, size, generator=gen), root / f)
+        line = {"prompt": prompts[i % 2], "images": files, "preferred": i % 2}
+        if scores:
+            line["scores"] = {"brightness": [0.6, 0.4] if i % 2 == 0 else [0.3, 0.5]}
+        lines.append(json.dumps(line))
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
+def test_tiny_stable_diffusion_trains_from_a_dataset_on_disk_and_its_lora_loads(tmp_path, name):
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+
+    tiny_stable_diffusion_pipeline(seed=0, sample_size=8).save_pretrained(tmp_path / "sd")
+    size = Policy(diffalign.load_pipeline(str(tmp_path / "sd"))).image_shape[1]
+    data = write_pairs(tmp_path / "pairs", size)
+    extra = {"inversion_steps": 1, "score_low": 0.0, "score_high": 1.0} if name == "smpo" else {}
+    cfg = config_for(name, overrides={"model": str(tmp_path / "sd"), "data": str(data), "max_steps": 2,
+                                      "prompts_per_step": 2, "lr": 1e-2, "checkpoint_every": 0, **extra})
+    result = train(name, cfg, tmp_path / "run", progress=False)
+    assert result.policy.is_text and len(result.metrics) == 2
+
+    def sample(pipe):
+        return pipe(prompt="a red dog", num_inference_steps=3, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    before = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "run")
+    assert not torch.allclose(before, sample(pipe), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- datasets
+def test_pickapic_style_dataset_loads_and_trains(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:
+        arr = (torch.rand(8, 8, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("RGB").save(buf, format="JPEG")
+        return buf.getvalue()
+
+    ds = datasets.Dataset.from_dict({"caption": ["3", "7", "1", "0"], "jpg_0": [jpeg(i) for i in range(4)],
+                                     "jpg_1": [jpeg(10 + i) for i in range(4)], "label_0": [1.0, 0.0, 0.5, 1.0],
+                                     "best_image_uid": ["a", "b", "c", "d"]})
+    data = load_preferences(ds)
+    assert len(data) == 4 and data.decided() == [0, 1, 3]
+    assert torch.equal(data.phi[1], torch.tensor([0.0, 1.0]))
+    images = data.images([0], (8, 8), 1)
+    assert images.shape == (1, 2, 1, 8, 8)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    cfg = config_for("diffusion-dpo", overrides={"model": "builtin:digits", "data": str(tmp_path / "saved"),
+                                                 "max_steps": 2, "prompts_per_step": 2, "checkpoint_every": 0})
+    assert len(train("diffusion-dpo", cfg, tmp_path / "run", progress=False).metrics) == 2
+    with pytest.raises(ValueError, match="lacks the Pick-a-Pic columns caption"):
+        load_preferences(ds.rename_column("caption", "text"))
+    assert len(load_preferences(ds.rename_column("caption", "text"), columns={"caption": "text"})) == 4
+
+
+def test_synth_resumes_to_the_same_dataset(tmp_path):
+    kwargs = dict(models=["builtin:digits"], rewards=["brightness"], num_prompts=6, k=3, steps=4, batch_prompts=2,
+                  progress=False)
+    whole = synthesize(tmp_path / "whole", **kwargs)
+    part = tmp_path / "part"
+    synthesize(part, **{**kwargs, "num_prompts": 6})
+    lines = (part / "rankings.jsonl").read_text().splitlines()
+    (part / "rankings.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # killed mid-write
+    synthesize(part, **kwargs)
+    assert (part / "rankings.jsonl").read_text() == (whole / "rankings.jsonl").read_text()
+    row = json.loads(lines[0])
+    assert set(row["scores"]) == {"brightness"} and len(row["images"]) == 3 and len(row["sources"]) == 3
+    with pytest.raises(FileExistsError, match="other settings"):
+        synthesize(part, **{**kwargs, "k": 4})
+
+
+def test_several_models_and_samplers_feed_one_ranking(tmp_path):
+    out = synthesize(tmp_path / "d", ["builtin:digits"], ["brightness", "jpeg_compressibility"],
+                     samplers=["dpm-solver++", "ddim"], num_prompts=2, k=4, steps=4, progress=False)
+    row = json.loads((out / "rankings.jsonl").read_text().splitlines()[0])
+    assert [s["sampler"] for s in row["sources"]] == ["dpm-solver++", "ddim", "dpm-solver++", "ddim"]
+    assert set(row["scores"]) == {"brightness", "jpeg_compressibility"}
+    assert sum(row["phi"]) == pytest.approx(2.0)  # k / 2: each comparison gives one win (no ties here)
+
+
+# ---------------------------------------------------------------------- bad input
+def dpo_cfg(data, name="diffusion-dpo", **overrides):
+    return config_for(name, overrides={"model": "builtin:digits", "data": str(data), "max_steps": 1,
+                                       "checkpoint_every": 0, **overrides})
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda root: (root / "1_0.png").unlink(), FileNotFoundError, r"pairs.jsonl:2: image .*1_0.png not found"),
+    (lambda root: (root / "pairs.jsonl").write_text('{"prompt": "3", "images": ["0_0.png"]}\n'), ValueError,
+     r"pairs.jsonl:1: 1 image\(s\); a preference needs k >= 2"),
+    (lambda root: (root / "pairs.jsonl").write_text("{not json\n"), ValueError, r"pairs.jsonl:1: not valid JSON"),
+    (lambda root: (root / "pairs.jsonl").write_text(
+        '{"prompt": "3", "images": ["0_0.png", "0_1.png"], "preferred": null}\n'), ValueError, "every row .* tie"),
+])
+def test_bad_datasets_are_refused_naming_the_line_and_nothing_is_written(tmp_path, mutate, error, match):
+    root = write_pairs(tmp_path / "data", 8, channels=1, prompts=("3", "7"))
+    mutate(root)
+    with pytest.raises(error, match=match):
+        train("diffusion-dpo", dpo_cfg(root), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_images_of_another_size_are_refused_or_resized(tmp_path):
+    root = write_pairs(tmp_path / "data", 12, channels=1, prompts=("3", "7"))
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: the images are 12x12 but the model makes 8x8.*resize=true"):
+        train("diffusion-dpo", dpo_cfg(root), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert len(train("diffusion-dpo", dpo_cfg(root, resize=True), tmp_path / "run", progress=False).metrics) == 1
+
+
+def test_smpo_needs_scores(tmp_path):
+    root = write_pairs(tmp_path / "data", 8, channels=1, prompts=("3", "7"), scores=False)
+    with pytest.raises(ValueError, match="smpo needs reward scores"):
+        train("smpo", dpo_cfg(root, "smpo"), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="no scores for reward 'jpeg_compressibility'"):
+        scored = write_pairs(tmp_path / "d2", 8, channels=1, prompts=("3", "7"))
+        train("smpo", dpo_cfg(scored, "smpo", reward="jpeg_compressibility"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_k_below_two_and_missing_data_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        synthesize(tmp_path / "s", ["builtin:digits"], ["brightness"], k=1, progress=False)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        config_for("rankdpo", overrides={"reward": "brightness", "k": 1}).check()
+    with pytest.raises(ValueError, match="give a preference dataset"):
+        config_for("diffusion-dpo").check()
+
+
+def test_cli_synth_and_train(tmp_path, capsys):
+    from diffalign.cli import main
+
+    assert main(["data", "synth", "--rewards", "brightness", "--num-prompts", "4", "--k", "2", "--steps", "4",
+                 "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert main(["train", "diffusion-dpo", "--data", str(tmp_path / "d"), "--model", "builtin:digits",
+                 "--max-steps", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    assert main(["data", "synth", "--rewards", "brightness", "--k", "1", "--out", str(tmp_path / "e"),
+                 "--quiet"]) == 2
+    assert "k must be >= 2" in capsys.readouterr().err
