@@ -15,6 +15,7 @@ def _sample(args) -> None:
     from .sampling import pipeline_images, sample_images, save_grid
 
     if args.model in MODELS:
+        args.sampler, args.steps = args.sampler or "dpm-solver++", args.steps or 20
         named = load_model(args.model, device=args.device)
         label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
         images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
@@ -23,6 +24,9 @@ def _sample(args) -> None:
         from . import load_pipeline
 
         pipe = load_pipeline(args.model, device=args.device)
+        # a few-step student is sampled as it was trained unless told otherwise
+        args.sampler = args.sampler or getattr(pipe, "recommended_sampler", None) or "dpm-solver++"
+        args.steps = args.steps or getattr(pipe, "recommended_steps", None) or 20
         images = pipeline_images(pipe, args.sampler, args.steps, args.num_images, args.prompt, args.guidance,
                                  args.seed, progress=not args.quiet)
     save_grid(images, args.out, title=f"{args.model} | {args.sampler} {args.steps} steps | g={args.guidance}")
@@ -234,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample a PNG grid from a model")
     s.add_argument("--model", default="reference:digits")
-    s.add_argument("--sampler", default="dpm-solver++")
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--sampler", default=None, help="default: dpm-solver++ (a distilled student: its own sampler)")
+    s.add_argument("--steps", type=int, default=None, help="default: 20 (a distilled student: its own step count)")
     s.add_argument("--guidance", type=float, default=1.0)
     s.add_argument("--prompt", default=None, help="class name or index; omit for unconditional samples")
     s.add_argument("--num-images", type=int, default=16)
@@ -344,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_eval_fid_stats)
 
     t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
-    t.add_argument("method", choices=["d3po", "ddpo", "diffusion-dpo", "rankdpo", "smpo"])
+    t.add_argument("method", choices=["d3po", "ddpo", "diffusion-dpo", "rankdpo", "smpo", "distill-dpo"])
     t.add_argument("--model", default=None, help="builtin:digits, builtin:fashion, a diffusers directory or hub id")
     t.add_argument("--reward", default=None, help="a registered reward; several joined by ',' are Pareto-compared")
     t.add_argument("--data", default=None, help="d3po: an export-pairs directory with labels.jsonl; diffusion-dpo, "

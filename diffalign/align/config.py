@@ -207,9 +207,59 @@ class SmPOConfig(PreferenceConfig):
             raise ValueError(f"gamma must be > 0, got {self.gamma}.")
 
 
+@dataclass
+class DistillDPOConfig(TrainConfig):
+    """Distillation-DPO for images: a few-step student distilled from the frozen teacher by distribution matching
+    (DMD), with pairs of student samples ranked by a reward deciding which fake-score network scores which sample."""
+
+    reward: str | None = "jpeg_compressibility"
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=16))
+    """The student's LoRA (a few-step student needs more capacity than a preference LoRA)."""
+    fake_lora: LoraSettings = field(default_factory=lambda: LoraSettings(rank=16))
+    """The LoRA of each fake-score network (on the teacher)."""
+    lr: float = 1e-4
+    """The student's learning rate."""
+    fake_lr: float = 1e-4
+    student_steps: int = 4
+    """Sampling steps of the student (1-8), deterministic DDIM on a trailing grid (t = 999, 749, 499, 249 at 4)."""
+    pairs_per_step: int = 4
+    teacher_guidance: float = 1.75
+    """Classifier-free guidance of the teacher's score in the generator loss (DMD2's SD1.5 value)."""
+    loser_weight: float = 0.5
+    """lambda: the weight of the push-away term of the losers."""
+    loser_clip: float = 1.0
+    """Bound on the loser's per-element update (the negative KL term is unbounded)."""
+    min_reward_gap: float = 0.0
+    """Pairs whose rewards differ by less are skipped (both fake networks, the generator's pair terms)."""
+    regression_weight: float = 0.25
+    """Weight of the regression of the student's samples onto the teacher's samples from the same noise
+    (DMD's stabiliser; 0 turns it off)."""
+    regression_pairs: int = 64
+    """Teacher samples (noise -> image, ``regression_sampler`` with ``regression_steps``) held for the regression."""
+    regression_batch: int = 4
+    regression_sampler: str = "dpm-solver++"
+    regression_steps: int = 20
+    t_min: int = 20
+    t_max: int = 980
+    """Timesteps of the distribution-matching and fake-score losses (DMD's 0.02 T - 0.98 T)."""
+
+    def check(self) -> None:
+        if not 1 <= self.student_steps <= 8:
+            raise ValueError(f"student_steps must be between 1 and 8 (a few-step student), got {self.student_steps}.")
+        if self.pairs_per_step < 1:
+            raise ValueError(f"pairs_per_step must be >= 1, got {self.pairs_per_step}.")
+        if self.reward is None:
+            raise ValueError("distill-dpo ranks its pairs with a reward; set `reward`.")
+        if self.loser_weight < 0 or self.loser_clip <= 0 or self.regression_weight < 0:
+            raise ValueError("loser_weight and regression_weight must be >= 0 and loser_clip > 0.")
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"need 0 <= t_min < t_max, got {self.t_min}, {self.t_max}.")
+
+
 METHOD_CONFIGS: dict[str, type[TrainConfig]] = {"d3po": D3POConfig, "ddpo": DDPOConfig,
                                                 "diffusion-dpo": DiffusionDPOConfig, "rankdpo": RankDPOConfig,
-                                                "smpo": SmPOConfig}
+                                                "smpo": SmPOConfig, "distill-dpo": DistillDPOConfig}
 
 
 def _coerce(value: str) -> Any:

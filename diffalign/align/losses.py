@@ -144,3 +144,26 @@ def smpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, p: torch.Tensor, beta: float
     p = 1 with gamma = 1 is Diffusion-DPO.
     """
     return -F.logsigmoid(gamma * (2.0 * p - 1.0) * dpo_logits(s_w, s_l, beta))
+
+
+# ---------------------------------------------------------------------- Distillation-DPO
+def dmd_gradient(x0: torch.Tensor, x0_teacher: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """The distribution-matching gradient of a generator sample x0 (DMD, Yin et al. 2024, Eq. 7-8, in x0 form):
+    ``(x0_fake - x0_teacher) / mean|x0 - x0_teacher|`` per sample, where x0_teacher / x0_fake are the teacher's and
+    the fake-score network's denoised predictions of the re-noised sample. Descending it moves x0 toward the
+    teacher's prediction (x0_teacher - x0_fake is proportional to eps_fake - eps_teacher). No gradient."""
+    norm = (x0 - x0_teacher).abs().flatten(1).mean(1).clamp(min=1e-6)
+    return ((x0_fake - x0_teacher) / norm.reshape(-1, *([1] * (x0.dim() - 1)))).detach()
+
+
+def distill_dpo_generator_loss(x0_w: torch.Tensor, g_w: torch.Tensor, x0_l: torch.Tensor, g_l: torch.Tensor,
+                               loser_weight: float = 0.5, loser_clip: float = 1.0) -> torch.Tensor:
+    """Distillation-DPO's generator loss per pair, in the stop-gradient form that lets gradients reach the student:
+    ``0.5 mse(x0_w, sg(x0_w - g_w)) - lambda 0.5 mse(x0_l, sg(x0_l - clip(g_l)))``, whose gradient in x0_w is g_w
+    (winners move toward the teacher) and in x0_l is -lambda clip(g_l) (losers move away), both divided by the
+    number of elements. The released code multiplies the score difference by x_t - x0, which does not depend on
+    x0, so no gradient reaches the student there; the bounded loser term keeps the negative KL finite."""
+    g_l = g_l.clamp(-loser_clip, loser_clip)
+    win = 0.5 * ((x0_w - (x0_w - g_w).detach()) ** 2).flatten(1).mean(1)
+    lose = 0.5 * ((x0_l - (x0_l - g_l).detach()) ** 2).flatten(1).mean(1)
+    return win - loser_weight * lose

@@ -45,10 +45,38 @@ def lora_config(unet: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
                       target_modules=list(targets))
 
 
+@contextmanager
+def use_adapter(model: torch.nn.Module, name: str) -> Iterator[torch.nn.Module]:
+    """Run ``model`` with only the LoRA adapter ``name`` active (the others stay, inactive); which weights require
+    gradients is left as it was."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    before = [list(m.active_adapters) for m in layers]
+
+    def restore_flags():
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+
+    for m in layers:
+        m.set_adapter(name)
+    restore_flags()
+    try:
+        yield model
+    finally:
+        for m, names in zip(layers, before, strict=True):
+            m.set_adapter(names)
+        restore_flags()
+
+
 def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer on or off, leaving which weights require gradients as it was (peft's
+    ``enable_adapters`` also changes that)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.enable_adapters(enabled)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -97,6 +125,7 @@ class Policy:
             inject_adapter_in_model(self.lora_config, self.unet)
             for name, param in self.unet.named_parameters():
                 param.requires_grad_("lora_" in name)
+        self._trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.forward_unet = self.unet
         """The module called when gradients are needed (the trainer sets it to the accelerate-wrapped UNet)."""
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -131,6 +160,22 @@ class Policy:
     @property
     def prediction_type(self) -> str:
         return self.pipe.scheduler.config.prediction_type
+
+    def split_prediction(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) of a model output ``out`` at noisy latents ``x`` and timesteps ``t`` (one per sample), for the
+        epsilon, v_prediction and sample prediction types (differentiable)."""
+        a = self.alphas_cumprod[t.reshape(-1)].to(torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
+        a = a.expand(x.shape[0], *a.shape[1:]) if a.shape[0] == 1 else a
+        out, x = out.float(), x.float()
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+        if kind == "v_prediction":
+            return a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+        if kind == "sample":
+            return out, (x - a.sqrt() * out) / (1 - a).sqrt()
+        raise ValueError(f"prediction type {kind!r} is not supported here (epsilon, v_prediction or sample).")
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -181,8 +226,12 @@ class Policy:
     @contextmanager
     def as_reference(self) -> Iterator[torch.nn.Module]:
         """Yields the reference network: the frozen copy, or the UNet with its adapter disabled."""
-        if self._reference_unet is not None:
-            yield self._reference_unet
+        if self._reference_unet is not None:  # a frozen copy (adapters a method adds to it are switched off)
+            set_adapters_enabled(self._reference_unet, False)
+            try:
+                yield self._reference_unet
+            finally:
+                set_adapters_enabled(self._reference_unet, True)
             return
         if self.lora is None:
             yield self.unet
@@ -212,6 +261,11 @@ class Policy:
         net = self.forward_unet if torch.is_grad_enabled() else self.unet
         return self._guided(net, x, t, cond, guidance)
 
+    def predict_with(self, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                     guidance: float = 1.0) -> torch.Tensor:
+        """:meth:`predict` through another network (an auxiliary adapter of the same UNet, say)."""
+        return self._guided(net, x, t, cond, guidance)
+
     def _guided(self, net, x, t, cond, guidance):
         if guidance == 1.0:
             return self._call(net, x, t, cond)
@@ -230,7 +284,8 @@ class Policy:
 
     # ------------------------------------------------------------------ parameters and saving
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        """The policy's own trained weights (its LoRA, or the UNet), fixed when the policy is built."""
+        return list(self._trainable)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights: the LoRA weights (peft names), or the whole UNet state dict."""
@@ -247,11 +302,13 @@ class Policy:
         else:
             self.unet.load_state_dict(state)
 
-    def save(self, out_dir: str | Path, base_model: str, method: str) -> None:
+    def save(self, out_dir: str | Path, base_model: str, method: str, extra: dict | None = None) -> None:
         """Write the trained weights so that :func:`load_aligned_pipeline` (and, for Stable Diffusion, diffusers'
-        ``pipe.load_lora_weights(out_dir)``) loads them: LoRA weights in diffusers' file layout, or the UNet."""
+        ``pipe.load_lora_weights(out_dir)``) loads them: LoRA weights in diffusers' file layout, or the UNet.
+        ``extra`` goes to ``alignment.json`` (``{"sampling": {"sampler", "steps", "scheduler_config"}}``: how the
+        model is meant to be sampled, e.g. a few-step student)."""
         out = Path(out_dir)
-        info = {"base_model": base_model, "method": method, "full_finetune": self.full_finetune}
+        info = {"base_model": base_model, "method": method, "full_finetune": self.full_finetune, **(extra or {})}
         if self.lora is not None:
             state = {f"unet.{k}": v for k, v in self.trainable_state_dict().items()}
             save_file(state, str(out / LORA_WEIGHTS), metadata={"format": "pt"})
@@ -264,7 +321,9 @@ class Policy:
 
 def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
     """The pipeline of a training output directory, or of one of its checkpoints (``out/checkpoints/step-N``):
-    the base model with the trained LoRA (merged into the UNet by default) or the fine-tuned UNet."""
+    the base model with the trained LoRA (merged into the UNet by default) or the fine-tuned UNet. A run that
+    records how it is sampled (a few-step student) gets that scheduler, and its sampler name and step count as
+    ``pipe.recommended_sampler`` / ``pipe.recommended_steps``."""
     from ..pipelines.class_conditional import load_pipeline
 
     out = Path(out_dir)
@@ -280,6 +339,15 @@ def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing; {out} is not a finished training output directory.")
     pipe = load_pipeline(info["base_model"], device=device)
+    if info.get("sampling") is None and (out.parent.parent / ALIGNMENT_FILE).is_file():  # a checkpoint of a run
+        info["sampling"] = json.loads((out.parent.parent / ALIGNMENT_FILE).read_text()).get("sampling")
+    if info.get("sampling"):
+        from ..samplers import make_scheduler
+
+        sampling = info["sampling"]
+        pipe.scheduler = make_scheduler(sampling["sampler"], pipe.scheduler.config,
+                                        **sampling.get("scheduler_config", {}))
+        pipe.recommended_sampler, pipe.recommended_steps = sampling["sampler"], sampling["steps"]
     if info.get("full_finetune"):
         state = (load_file(str(weights)) if weights.is_file()
                  else type(pipe.unet).from_pretrained(weights).state_dict())

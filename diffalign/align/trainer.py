@@ -4,6 +4,12 @@ It owns what methods share: the policy and its optimizer, gradient accumulation 
 ``accelerate launch``), seeding, the progress bar, ``metrics.jsonl``, optional tensorboard, checkpoints and resume,
 and the output directory (final weights, resolved config, reward-curve PNG). Every process runs every collective
 call (gather, barrier); only the writing of files is left to the main process.
+
+A method that alternates updates of several parameter sets (Distillation-DPO: fake-score networks, then the
+generator) declares ``phases`` (its last phase is the main one, logged as ``loss``), ``phase_parameters(phase)``
+and ``phase_lr(phase)``; each phase gets its own optimizer and learning-rate schedule, and its loss is
+``loss(batch, chunk, phase)``. Weights outside the policy's LoRA / UNet are saved through the method's
+``state_dict`` / ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -87,8 +93,15 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], info: dict) -> 
     optimizer.load_state_dict({"state": dict(state), "param_groups": info["param_groups"]})
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimizer, lr_scheduler, state: dict,
-                    keep: int) -> Path:
+MAIN = "main"
+
+
+def _opt_name(phase: str) -> str:
+    return "optimizer" if phase == MAIN else f"optimizer_{phase}"
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimizers: dict, lr_schedulers: dict,
+                    state: dict, keep: int, algo=None) -> Path:
     """Write checkpoint ``step-<step>`` atomically (a temporary directory renamed when complete)."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{state['step']:06d}", root / f".tmp-step-{state['step']:06d}"
@@ -100,10 +113,15 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_file(policy.trainable_state_dict(), str(tmp / "weights.safetensors"))
-        tensors, info = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": info,
-                                                  "lr_scheduler": lr_scheduler.state_dict()}, indent=1))
+        if hasattr(algo, "state_dict"):
+            save_file(algo.state_dict(), str(tmp / "method.safetensors"))
+        extra = {}
+        for phase, optimizer in optimizers.items():
+            tensors, info = _optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / f"{_opt_name(phase)}.safetensors"))
+            extra[_opt_name(phase)] = info
+            extra["lr_scheduler" if phase == MAIN else f"lr_scheduler_{phase}"] = lr_schedulers[phase].state_dict()
+        (tmp / STATE_FILE).write_text(json.dumps({**state, **extra}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -113,8 +131,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
     return final
 
 
-def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, policy: Policy, optimizer,
-                    lr_scheduler) -> dict:
+def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, policy: Policy, optimizers: dict,
+                    lr_schedulers: dict, algo=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG from ``path``; refuse a checkpoint of another run."""
     state = json.loads((path / STATE_FILE).read_text())
     theirs = {key: state.get(key) for key in signature}
@@ -124,8 +142,11 @@ def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, polic
             f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items())
             + ". Resume with the run's own settings (its config.yaml), or train into a new output directory.")
     policy.load_trainable_state_dict(load_file(str(path / "weights.safetensors")))
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if hasattr(algo, "load_state_dict"):
+        algo.load_state_dict(load_file(str(path / "method.safetensors")))
+    for phase, optimizer in optimizers.items():
+        _load_optimizer(optimizer, load_file(str(path / f"{_opt_name(phase)}.safetensors")), state[_opt_name(phase)])
+        lr_schedulers[phase].load_state_dict(state["lr_scheduler" if phase == MAIN else f"lr_scheduler_{phase}"])
     rng = path / f"rng_{accelerator.process_index}.safetensors"
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch"])
@@ -176,9 +197,11 @@ def _accelerator(**kwargs) -> Accelerator:
         return Accelerator(**kwargs)
 
 
-def _backward(accelerator: Accelerator, unet, algo, batches: list[dict]) -> dict[str, float]:
-    """Back-propagate the losses of one optimizer step (every chunk of every accumulated batch, gradients synced
-    across processes only on the last) and return the step's statistics, weighted as the loss is."""
+def _backward(accelerator: Accelerator, unet, algo, batches: list[dict], phase: str = MAIN, main: bool = True,
+              outside: list[torch.nn.Parameter] | None = None) -> dict[str, float]:
+    """Back-propagate the losses of one optimizer step of one phase (every chunk of every accumulated batch,
+    gradients synced across processes only on the last; ``outside``: trained parameters that are not in the
+    prepared UNet, whose gradients are averaged here) and return the step's statistics, weighted as the loss is."""
     work = []
     for b in batches:
         chunks = algo.chunks(b)
@@ -187,13 +210,19 @@ def _backward(accelerator: Accelerator, unet, algo, batches: list[dict]) -> dict
     stats: dict[str, float] = defaultdict(float)
     for j, (batch, chunk, weight) in enumerate(work):
         with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():
-            loss, chunk_stats = algo.loss(batch, chunk)
+            loss, chunk_stats = algo.loss(batch, chunk) if phase == MAIN else algo.loss(batch, chunk, phase)
             accelerator.backward(loss * weight)
-        for key, value in {"loss": float(loss.detach()), **chunk_stats}.items():
+        name = "loss" if main else f"{phase}_loss"
+        for key, value in {name: float(loss.detach()), **chunk_stats}.items():
             stats[key] += value * weight
-    for batch in batches:
-        for key, value in batch["stats"].items():
-            stats[key] += value / len(batches)
+    if outside and accelerator.num_processes > 1:
+        for prm in outside:
+            if prm.grad is not None:
+                prm.grad = accelerator.reduce(prm.grad, reduction="mean")
+    if main:
+        for batch in batches:
+            for key, value in batch["stats"].items():
+                stats[key] += value / len(batches)
     return dict(stats)
 
 
@@ -221,19 +250,32 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     accelerator = _accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
                                log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
     checkpoint = _prepare_output(out, resume, overwrite)
+    created = not out.exists()
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every process
     policy = Policy(load_pipeline(cfg.model, device=accelerator.device), cfg.lora, cfg.full_finetune, cfg.reference)
     algo = method_cls(cfg, policy)  # validates rewards, labels and prompts before anything is written
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    phases = tuple(getattr(algo, "phases", (MAIN,)))
+    params = {ph: policy.trainable_parameters() if ph == MAIN else list(algo.phase_parameters(ph)) for ph in phases}
+    optimizers = {ph: torch.optim.AdamW(params[ph], lr=cfg.lr if ph == MAIN else algo.phase_lr(ph),
+                                        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                                        eps=cfg.adam_epsilon) for ph in phases}
+    lr_schedulers = {ph: get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.lr_warmup_steps)
+                     for ph, opt in optimizers.items()}
     signature = run_signature(method, cfg)
     state = {"step": 0, "images_seen": 0, "wall_s": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizer, lr_scheduler)
-    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+        state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizers, lr_schedulers, algo)
+    if len(phases) == 1:  # DDP on the UNet: gradients averaged during the backward pass
+        unet, *prepared = accelerator.prepare(policy.unet, *optimizers.values())
+        in_unet = {id(prm) for prm in policy.unet.parameters()}
+        outside = {ph: [prm for prm in params[ph] if id(prm) not in in_unet] for ph in phases}
+    else:  # alternating phases call the UNet several times per backward (adapters, unrolled sampling), which DDP
+        # does not allow: every process computes its gradients alone and they are averaged after the backward
+        unet, prepared = policy.unet, accelerator.prepare(*optimizers.values())
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        outside = params
+    optimizers = dict(zip(optimizers, prepared, strict=True))
     policy.forward_unet = unet
 
     metrics_path = out / "metrics.jsonl"
@@ -257,13 +299,19 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     try:
         for step in range(start + 1, cfg.max_steps + 1):
             gen = torch.Generator().manual_seed(step_seed(cfg.seed, step - 1, accelerator.process_index))
+            stats = {}
             with accelerator.autocast():  # sampling, policy and reference in the same (mixed) precision
                 batches = [algo.collect(gen) for _ in range(cfg.gradient_accumulation_steps)]
-                stats = _backward(accelerator, unet, algo, batches)
-            stats["grad_norm"] = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for ph in phases:  # alternating updates, each with its own optimizer
+                main = ph == phases[-1]
+                with accelerator.autocast():
+                    stats.update(_backward(accelerator, unet, algo, batches, ph, main, outside[ph]))
+                norm = float(accelerator.clip_grad_norm_(params[ph], cfg.max_grad_norm))
+                stats["grad_norm" if main else f"{ph}_grad_norm"] = norm
+                optimizers[ph].step()
+                lr_schedulers[ph].step()
+                optimizers[ph].zero_grad(set_to_none=True)
+            lr_scheduler = lr_schedulers[phases[-1]]
             images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
             record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
                       **_reduce(accelerator, stats), "lr": lr_scheduler.get_last_lr()[0]}
@@ -281,19 +329,21 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
             if (stop or timed or step == cfg.max_steps
                     or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
                 last_saved = record["wall_s"]
-                save_checkpoint(accelerator, out, policy, optimizer, lr_scheduler,
+                save_checkpoint(accelerator, out, policy, optimizers, lr_schedulers,
                                 {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
-                                cfg.keep_checkpoints)
+                                cfg.keep_checkpoints, algo)
             if stop:
                 break
     except BaseException:
         if checkpoint is None and accelerator.is_main_process and not (out / CHECKPOINTS).exists():
             _clear_output(out)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
         raise
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        policy.save(out, cfg.model, method)
+        policy.save(out, cfg.model, method, getattr(algo, "export_info", None))
         plot_curves(metrics_path, out / "reward_curve.png")
     accelerator.end_training()
     return TrainResult(out, policy)

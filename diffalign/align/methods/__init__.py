@@ -15,10 +15,12 @@ from __future__ import annotations
 from .d3po import D3PO
 from .ddpo import DDPO
 from .diffusion_dpo import DiffusionDPO
+from .distill_dpo import DistillDPO
 from .rankdpo import RankDPO
 from .smpo import SmPO
 
-METHODS = {"d3po": D3PO, "ddpo": DDPO, "diffusion-dpo": DiffusionDPO, "rankdpo": RankDPO, "smpo": SmPO}
+METHODS = {"d3po": D3PO, "ddpo": DDPO, "diffusion-dpo": DiffusionDPO, "rankdpo": RankDPO, "smpo": SmPO,
+           "distill-dpo": DistillDPO}
 
 
 def get_method(name: str):
