@@ -124,8 +124,9 @@ def _ems_export(args) -> None:
     from .samplers.ems import load_ems, save_official_ems, select_ems_file
 
     ems = load_ems(select_ems_file(args.ems, args.guidance))
-    out = save_official_ems(ems, args.out)
-    print(f"wrote {out}/l.npz and {out}/sb.npz (N={ems.num_points}, guidance {ems.meta.get('guidance')})")
+    dtype = "float64" if args.float64 else "float32"
+    out = save_official_ems(ems, args.out, dtype)
+    print(f"wrote {out}/l.npz and {out}/sb.npz ({dtype}, N={ems.num_points}, guidance {ems.meta.get('guidance')})")
 
 
 def _eval_fid(args) -> None:
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("ems", help="EMS directory or file (a model directory with per-guidance sets: see --guidance)")
     ex.add_argument("--guidance", type=float, default=None, help="pick the set for this guidance scale")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--float64", action="store_true",
+                    help="write float64 (default float32, which the official sampler requires)")
     ex.set_defaults(func=_ems_export)
 
     ev = sub.add_parser("eval", help="evaluation (FID)")

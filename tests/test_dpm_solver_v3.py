@@ -459,9 +459,13 @@ def test_cli_ems_compute(tmp_path, capsys):
 def test_official_layout_round_trip_samples_identically(tmp_path, digits_ems):
     path, ems = digits_ems
     config = load_model("reference:digits").scheduler_config
-    save_official_ems(ems, tmp_path / "official")
+    save_official_ems(ems, tmp_path / "default")
+    for name, key in (("l.npz", "l"), ("sb.npz", "s"), ("sb.npz", "b")):  # what the official sampler needs
+        with np.load(tmp_path / "default" / name) as z:
+            assert z[key].dtype == np.float32
+    save_official_ems(ems, tmp_path / "official", dtype="float64")
     with np.load(tmp_path / "official" / "l.npz") as z:
-        assert z.files == ["l"] and z["l"].shape == (41, 1, 8, 8)
+        assert z.files == ["l"] and z["l"].shape == (41, 1, 8, 8) and z["l"].dtype == np.float64
     back = load_official_ems(tmp_path / "official", config, guidance=1.0, model="reference:digits")
     for k in ("l", "s", "b"):
         assert torch.equal(getattr(back, k), getattr(ems, k))
@@ -493,7 +497,10 @@ def test_official_layout_errors_are_clear(tmp_path, digits_ems):
 
 def test_cli_ems_export_and_import(tmp_path, capsys, digits_ems):
     path, ems = digits_ems
-    assert main(["ems", "export", str(path), "--out", str(tmp_path / "off")]) == 0
+    assert main(["ems", "export", str(path), "--out", str(tmp_path / "off32")]) == 0
+    with np.load(tmp_path / "off32" / "sb.npz") as z:
+        assert z["s"].dtype == np.float32
+    assert main(["ems", "export", str(path), "--out", str(tmp_path / "off"), "--float64"]) == 0
     assert main(["ems", "import", str(tmp_path / "off"), "--scheduler", "reference:digits", "--guidance", "1",
                  "--out", str(tmp_path / "imp")]) == 0, capsys.readouterr().err
     back = load_ems(tmp_path / "imp")

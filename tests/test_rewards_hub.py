@@ -338,3 +338,23 @@ def test_heavy_dependencies_are_imported_only_when_a_hub_reward_is_built():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_missing_weights_without_network_fail_at_once(offline_hub, monkeypatch):
+    """Not offline by configuration, but the hub does not answer: one clear error, without the client's retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from diffalign.rewards import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    calls = []
+    monkeypatch.setattr(hub, "_load_clip_model", lambda path: calls.append(path))
+    start = time.perf_counter()
+    with pytest.raises(RewardUnavailableError, match="cannot be reached") as info:
+        get_reward("clip_score")
+    assert time.perf_counter() - start < 2 and not calls  # the hub client was never asked
+    _assert_clear(info.value, *FIX, "openai/clip-vit-large-patch14")

@@ -108,13 +108,38 @@ def _hub_name(name_or_path: str, default: str) -> str:
     return default if _looks_like_path(str(name_or_path)) else str(name_or_path)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (one request, no retries)."""
+    try:
+        import requests
+
+        from huggingface_hub import constants
+
+        requests.head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:  # no network, DNS failure, proxy refusal, missing package: all mean "cannot download"
+        return False
+
+
+def _in_hub_cache(repo: str) -> bool:
+    cache, _ = _hub_state()
+    return os.path.isdir(os.path.join(cache, f"models--{repo.replace('/', '--')}"))
+
+
 def _load(reward: str, name: str, loader: Callable[[str], Any], weights: Sequence[Weight],
           local_hint: str | None) -> Any:
-    """``loader(name)`` where ``name`` is a local path or a hub id; missing files become RewardUnavailableError."""
+    """``loader(name)`` where ``name`` is a local path or a hub id; missing files become RewardUnavailableError.
+
+    A hub id that is not in the local cache fails at once when the hub does not answer (instead of after the hub
+    client's retries)."""
     name = str(name)
     path = os.path.expanduser(name)
+    _, offline = _hub_state()
     if not os.path.exists(path) and _looks_like_path(name):
         error = unavailable(reward, f"the local path {name!r} does not exist", weights, local_hint)
+    elif not os.path.exists(path) and not offline and not _in_hub_cache(name) and not hub_reachable():
+        error = unavailable(reward, f"{name!r} is not in the Hugging Face cache and the hub cannot be reached "
+                            "(no network)", weights, local_hint)
     else:
         try:
             return loader(path if os.path.exists(path) else name)

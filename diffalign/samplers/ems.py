@@ -440,8 +440,10 @@ def load_official_ems(directory: str | Path, scheduler_config: Mapping, *, guida
     return ems
 
 
-def save_official_ems(ems: EMS, directory: str | Path) -> Path:
-    """Write ``l.npz`` / ``sb.npz`` for the official sampler (float64).
+def save_official_ems(ems: EMS, directory: str | Path, dtype: str = "float32") -> Path:
+    """Write ``l.npz`` / ``sb.npz`` for the official sampler, in float32 by default: the official sampler mixes the
+    statistics with its float32 tensors and fails on float64 ones ("expected m1 and m2 to have the same dtype").
+    ``dtype="float64"`` keeps full precision (for :func:`load_official_ems` round trips).
 
     Raises if the EMS grid is not the official one (uniform from lambda(t = 1) to lambda(t = 1 / T) of the EMS's
     schedule): the official files carry no lambdas, so another grid would be silently misplaced.
@@ -458,10 +460,12 @@ def save_official_ems(ems: EMS, directory: str | Path) -> Path:
     if not ems.sample_shape:
         raise ValueError("the official layout stores per-element statistics [N + 1, C, H, W]; this EMS has one "
                          "value per noise level.")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / OFFICIAL_L, l=ems.l.numpy())
-    np.savez(directory / OFFICIAL_SB, s=ems.s.numpy(), b=ems.b.numpy())
+    np.savez(directory / OFFICIAL_L, l=ems.l.numpy().astype(dtype))
+    np.savez(directory / OFFICIAL_SB, s=ems.s.numpy().astype(dtype), b=ems.b.numpy().astype(dtype))
     return directory
 
 
