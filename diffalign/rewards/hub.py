@@ -112,7 +112,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers within ``timeout`` seconds (one request, no retries)."""
     try:
         import requests
-
         from huggingface_hub import constants
 
         requests.head(constants.ENDPOINT, timeout=timeout)
