@@ -14,6 +14,10 @@ def _sample(args) -> None:
     from .models.registry import MODELS, load_model
     from .sampling import pipeline_images, sample_images, save_grid
 
+    if args.prompt is None and args.guidance != 1.0:
+        print(f"diffalign: warning: --guidance {args.guidance:g} has no effect without --prompt (unconditional "
+              "samples); sampling without guidance.", file=sys.stderr)
+        args.guidance = 1.0
     if args.model in MODELS:
         args.sampler, args.steps = args.sampler or "dpm-solver++", args.steps or 20
         named = load_model(args.model, device=args.device)
@@ -30,8 +34,8 @@ def _sample(args) -> None:
         images = pipeline_images(pipe, args.sampler, args.steps, args.num_images, args.prompt, args.guidance,
                                  args.seed, progress=not args.quiet)
     save_grid(images, args.out, title=f"{args.model} | {args.sampler} {args.steps} steps | g={args.guidance}")
-    meta = [{"index": i, "seed": args.seed, "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-             "prompt": args.prompt} for i in range(len(images))]
+    meta = [{"index": i, "model": args.model, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
+             "guidance": args.guidance, "prompt": args.prompt} for i in range(len(images))]
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=2))
     print(f"wrote {args.out} ({len(images)} images)")
@@ -171,10 +175,19 @@ def _eval_fid_stats(args) -> None:
 
 
 def _models(args) -> None:
-    from .models.registry import MODELS
+    from .models.registry import MODELS, load_model
 
     for name, description in MODELS.items():
-        print(f"{name:<20} {description}")
+        prompts = getattr(load_model(name), "class_names", None)
+        print(f"{name:<20} {description}" + (f"\n{'':<20} prompts: {', '.join(prompts)}" if prompts else ""))
+
+
+def _samplers(args) -> None:
+    from .samplers import SAMPLERS
+
+    for name, cls in SAMPLERS.items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:<24} {cls.__name__:<28} {doc[0] if doc else ''}")
 
 
 def _train(args) -> None:
@@ -397,9 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=_data_synth)
 
-    m = sub.add_parser("models", help="list the available models")
+    m = sub.add_parser("models", help="list the available models (and their prompts)")
     m.add_argument("action", choices=["list"])
     m.set_defaults(func=_models)
+    sl = sub.add_parser("samplers", help="list the samplers (names for --sampler)")
+    sl.add_argument("action", choices=["list"])
+    sl.set_defaults(func=_samplers)
 
     for sp in (s, bs, cd, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
@@ -410,9 +426,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _validate(args) -> None:
+    """Refuse bad option values before any work starts (one clear error, nothing written)."""
+    import math
+
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance}.")
+    for name in ("num_images", "steps", "max_steps", "num_prompts", "num_pairs"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    device = getattr(args, "device", None)
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available to this torch build; use --device cpu.")
+    files = [("--json", getattr(args, "json", None))]
+    if args.command == "sample":
+        files.append(("--out", args.out))
+        if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"--out {args.out}: the grid is an image; use one of {', '.join(IMAGE_SUFFIXES)}.")
+    for flag, path in files:
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{flag} {path}: the directory {Path(path).parent} does not exist; create it first.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _validate(args)
         args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)

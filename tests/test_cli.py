@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from diffalign.cli import main
@@ -78,3 +79,42 @@ def test_sample_from_a_missing_hub_model_offline_says_what_to_do(tmp_path, monke
     assert main(["sample", "--model", "some-org/some-model", "--quiet", "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "some-org/some-model" in err and "offline" in err.lower()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--num-images", "0"], "--num-images must be >= 1"),
+    (["--out", "{tmp}/missing/grid.png"], "does not exist; create it first"),
+    (["--out", "{tmp}/grid.txt"], "the grid is an image"),
+    (["--json", "{tmp}/missing/meta.json"], "does not exist; create it first"),
+])
+def test_sample_refuses_bad_options_before_working(tmp_path, capsys, args, needle):
+    from diffalign.cli import main
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = ["--out", str(tmp_path / "grid.png")] if "--out" not in args else []
+    assert main(["sample", "--num-images", "1", "--quiet", *out, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not any(tmp_path.rglob("*.png")) and not any(tmp_path.rglob("*.json"))
+
+
+def test_guidance_without_a_prompt_warns_and_json_names_the_model(tmp_path, capsys):
+    from diffalign.cli import main
+
+    assert main(["sample", "--model", "reference:digits", "--guidance", "7.5", "--steps", "4", "--num-images", "2",
+                 "--out", str(tmp_path / "g.png"), "--json", str(tmp_path / "m.json"), "--quiet"]) == 0
+    assert "has no effect without --prompt" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta[0]["model"] == "reference:digits" and meta[0]["guidance"] == 1.0 and meta[1]["index"] == 1
+
+
+def test_samplers_and_models_list(capsys):
+    from diffalign.cli import main
+
+    assert main(["samplers", "list"]) == 0
+    assert "dpm-solver-v3" in capsys.readouterr().out
+    assert main(["models", "list"]) == 0
+    assert "sneaker" in capsys.readouterr().out
