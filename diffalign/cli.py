@@ -134,11 +134,12 @@ def _ems_export(args) -> None:
 
 
 def _eval_fid(args) -> None:
+    from .align.evaluate import base_model_name
     from .eval.fid import FID, fid_of_model, get_features, load_image_folder
     from .models.registry import load_model
 
-    features_name = args.features or (f"classifier:{args.model}" if args.model and args.model.startswith("builtin:")
-                                      else None)
+    base = base_model_name(args.model) if args.model else None  # a `diffalign train` output: its base model
+    features_name = args.features or (f"classifier:{base}" if base and base.startswith("builtin:") else None)
     if features_name is None:
         raise ValueError("pass --features (e.g. classifier:builtin:fashion or inception).")
     features = get_features(features_name)
@@ -154,6 +155,16 @@ def _eval_fid(args) -> None:
         fid.load_reference(stats)
         fid.add(load_image_folder(args.images, args.num_images))
         result = {"fid": fid.compute(), "images": args.images}
+    elif base != args.model:  # an aligned model or a distilled student, sampled on evaluate's fixed set
+        from .align.evaluate import eval_images
+
+        fid = FID(features, device=args.device)
+        fid.load_reference(stats)
+        images, _ = eval_images(args.model, args.num_images, args.seed, args.guidance, args.sampler, args.steps,
+                                device=args.device)
+        fid.add(images)
+        result = {"fid": fid.compute(), "model": args.model, "sampler": args.sampler, "steps": args.steps,
+                  "num_images": args.num_images, "guidance": args.guidance, "seed": args.seed}
     else:
         named = load_model(args.model, device=args.device)
         result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,

@@ -106,6 +106,9 @@ def test_training_checkpoints_resume_and_export(tmp_path):
     assert main(["sample", "--model", str(tmp_path / "full"), "--num-images", "4", "--out",
                  str(tmp_path / "s.png"), "--json", str(tmp_path / "s.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "s.json").read_text())[0]["steps"] == 2
+    assert main(["eval", "fid", "--model", str(tmp_path / "full"), "--sampler", "ddim", "--steps", "2",
+                 "--num-images", "20", "--json", str(tmp_path / "fid.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "fid.json").read_text())["fid"] > 0
 
 
 def test_two_processes_finish_with_identical_student_and_fakes(tmp_path):
