@@ -25,7 +25,8 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     def model(x_t, t):
         return named_model.predict(x_t, t, labels, guidance)
 
-    for x_next in tqdm(trajectory(sched, model, x, steps, generator=gen), desc=sampler, disable=not progress):
+    for x_next in tqdm(trajectory(sched, model, x, steps, generator=gen), desc=sampler, total=steps, unit="step",
+                       disable=not progress):
         x = x_next
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 

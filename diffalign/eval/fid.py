@@ -206,14 +206,17 @@ def fid_of_model(named_model, sampler: str, steps: int, num_images: int, feature
     fid.load_reference(stats_path)
     classes = len(named_model.class_names)
     labels = torch.arange(num_images) % classes
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
+    bar = tqdm(total=num_images, desc="FID samples", unit="img", disable=not progress)  # on stderr
     for k in range(classes):
         n_k = int((labels == k).sum())
         for start in range(0, n_k, batch_size):
             n = min(batch_size, n_k - start)
             fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + 1000 * k + start,
                                   device=device, progress=False))
-        if progress:
-            print(f"  class {k + 1}/{classes} sampled", flush=True)
+            bar.update(n)
+    bar.close()
     return {"fid": fid.compute(), "num_images": num_images, "sampler": sampler, "steps": steps,
             "guidance": guidance, "seed": seed, "seconds": time.perf_counter() - t0}
