@@ -3,6 +3,7 @@
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -192,3 +193,41 @@ def test_saved_pipeline_with_a_diffalign_scheduler_reloads_with_diffusers(name, 
     assert type(again.scheduler) is get_scheduler_class(name)
     public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     assert public(again.scheduler.config) == public(pipe.scheduler.config)
+
+
+def test_ddim_pipeline_passes_eta_and_use_clipped_model_output():
+    from diffusers import DDIMPipeline, UNet2DModel
+
+    from diffalign.samplers import DDIMScheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(eta):
+        return pipe(batch_size=2, num_inference_steps=5, eta=eta, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    a, b = run(0.0), run(1.0)
+    assert np.isfinite(a).all() and np.isfinite(b).all() and not np.allclose(a, b)
+    assert np.array_equal(run(1.0), b)  # deterministic under a seed
+
+
+def test_ddim_step_eta_equals_a_scheduler_configured_with_it():
+    from diffalign.samplers import DDIMScheduler
+
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    results = []
+    for sched, kwargs in ((DDIMScheduler(eta=0.5), {}), (DDIMScheduler(), {"eta": 0.5})):
+        sched.set_timesteps(4)
+        results.append(sched.step(out, sched.timesteps[0], x, generator=torch.Generator().manual_seed(2),
+                                  **kwargs).prev_sample)
+    assert torch.equal(*results)
+    sched = DDIMScheduler(thresholding=True)
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="use_clipped_model_output=False is not supported"):
+        sched.step(out, sched.timesteps[0], x, use_clipped_model_output=False)

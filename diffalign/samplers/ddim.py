@@ -29,16 +29,43 @@ class DDIMScheduler(DiffAlignScheduler):
         if not 0.0 <= eta:
             raise ValueError(f"eta must be >= 0, got {eta}.")
         self._init_schedule(1)
+        self._step_eta: float | None = None
+
+    @property
+    def eta(self) -> float:
+        """The stochasticity of the current step: ``step(..., eta=)`` where given, else the config's."""
+        step_eta = getattr(self, "_step_eta", None)
+        return self.config.eta if step_eta is None else step_eta
 
     def _needs_noise(self) -> bool:
-        return self.config.eta > 0
+        return self.eta > 0
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
+             eta: float | None = None, use_clipped_model_output: bool | None = None,
+             generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
+             return_dict: bool = True):
+        """One DDIM step, with diffusers' ``DDIMScheduler.step`` signature (``DDIMPipeline`` passes ``eta`` and
+        ``use_clipped_model_output``): ``eta`` sets this step's stochasticity (default: the config's). With
+        ``thresholding`` the noise is always re-derived from the clipped x0 (``use_clipped_model_output=True``);
+        asking for the unclipped one is refused rather than ignored."""
+        if eta is not None and not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
+        if use_clipped_model_output is False and self.config.thresholding:
+            raise ValueError("with thresholding, diffalign's DDIM re-derives the noise from the clipped x0; "
+                             "use_clipped_model_output=False is not supported.")
+        self._step_eta = eta
+        try:
+            return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                                return_dict=return_dict)
+        finally:
+            self._step_eta = None
 
     def coefficients(self, index: int) -> tuple[float, float, float]:
         """(alpha_t, sqrt(sigma_t^2 - c^2), c) of Eq. 12 for the step from grid point ``index`` to ``index + 1``."""
         s, t = self._levels[index], self._levels[index + 1]
-        if self.config.eta == 0 or t.sigma == 0:
+        if self.eta == 0 or t.sigma == 0:
             return t.alpha, t.sigma, 0.0
-        c = self.config.eta * (t.sigma / s.sigma) * math.sqrt(max(0.0, 1.0 - (s.alpha / t.alpha) ** 2))
+        c = self.eta * (t.sigma / s.sigma) * math.sqrt(max(0.0, 1.0 - (s.alpha / t.alpha) ** 2))
         c = min(c, t.sigma)
         return t.alpha, math.sqrt(t.sigma**2 - c**2), c
 
