@@ -19,18 +19,6 @@ import torch
 from .policy import Policy
 
 
-def _eps(policy: Policy, out: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The noise prediction of a model output of any prediction type at alphabar ``a`` (broadcastable)."""
-    kind = policy.prediction_type
-    if kind == "epsilon":
-        return out
-    if kind == "v_prediction":
-        return a.sqrt() * out + (1 - a).sqrt() * z
-    if kind == "sample":
-        return (z - a.sqrt() * out) / (1 - a).sqrt()
-    raise ValueError(f"inversion supports epsilon, v_prediction and sample models, not {kind!r}.")
-
-
 def _move(z: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
     """The deterministic DDIM update from alphabar ``a_from`` to ``a_to`` with noise prediction ``eps``."""
     x0 = (z - (1 - a_from).sqrt() * eps) / a_from.sqrt()
@@ -70,7 +58,7 @@ def invert(policy: Policy, x0: torch.Tensor, cond: torch.Tensor, t_end: torch.Te
         new = z
         for _ in range(renoise + 1):
             out = policy.predict(new.to(policy.dtype), tau, cond, guidance).float()
-            preds.append(_eps(policy, out, new, a_b))
+            preds.append(policy.split_prediction(out, new, tau)[1])
             new = _move(z, torch.stack(preds).mean(0), a_prev_b, a_b)
         z, a_prev = new, ac[tau]
     return z.to(x0.dtype)
@@ -91,5 +79,5 @@ def ddim_denoise(policy: Policy, z: torch.Tensor, cond: torch.Tensor, t_start: t
         a_b = _shape(ac[tau], x)
         a_next = _shape(ac[grid[:, j - 1]], x) if j > 0 else torch.ones_like(a_b)
         out = policy.predict(x.to(policy.dtype), tau, cond, guidance).float()
-        x = _move(x, _eps(policy, out, x, a_b), a_b, a_next)
+        x = _move(x, policy.split_prediction(out, x, tau)[1], a_b, a_next)
     return x.to(z.dtype)

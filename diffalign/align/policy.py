@@ -46,37 +46,46 @@ def lora_config(unet: torch.nn.Module, settings: LoraSettings) -> LoraConfig:
 
 
 @contextmanager
+def keep_requires_grad(model: torch.nn.Module, default: bool = False) -> Iterator[None]:
+    """Restore which of ``model``'s weights require gradients after the block (peft's ``set_adapter``,
+    ``enable_adapters`` and adapter injection change it); weights created in the block get ``default``."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), default))
+
+
+def _set_adapter(model: torch.nn.Module, names: str | list[str]) -> None:
+    with keep_requires_grad(model):
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.set_adapter(names)
+
+
+@contextmanager
 def use_adapter(model: torch.nn.Module, name: str) -> Iterator[torch.nn.Module]:
     """Run ``model`` with only the LoRA adapter ``name`` active (the others stay, inactive); which weights require
     gradients is left as it was."""
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    flags = {id(p): p.requires_grad for p in model.parameters()}
     before = [list(m.active_adapters) for m in layers]
-
-    def restore_flags():
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
-
-    for m in layers:
-        m.set_adapter(name)
-    restore_flags()
+    _set_adapter(model, name)
     try:
         yield model
     finally:
-        for m, names in zip(layers, before, strict=True):
-            m.set_adapter(names)
-        restore_flags()
+        with keep_requires_grad(model):
+            for m, names in zip(layers, before, strict=True):
+                m.set_adapter(names)
 
 
 def set_adapters_enabled(model: torch.nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer on or off, leaving which weights require gradients as it was (peft's
     ``enable_adapters`` also changes that)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled)
-    for p, flag in flags:
-        p.requires_grad_(flag)
+    with keep_requires_grad(model):
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

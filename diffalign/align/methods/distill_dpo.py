@@ -28,8 +28,9 @@ from ...samplers import make_scheduler
 from ...samplers.ddim import DDIMScheduler
 from ..config import DistillDPOConfig
 from ..losses import distill_dpo_generator_loss, dmd_gradient, noise_error
-from ..policy import Policy, lora_config, use_adapter
+from ..policy import Policy, keep_requires_grad, lora_config, use_adapter
 from ..rewarding import build_reward, score
+from .preference import training_target
 
 FAKES = ("fake_w", "fake_l")
 
@@ -61,14 +62,12 @@ class DistillDPO:
         # fine-tune), initialised to zero, so each starts as the teacher
         self.host = policy._reference_unet if policy._reference_unet is not None else policy.unet
         self.fake_params: list[torch.nn.Parameter] = []
-        flags = {id(prm): prm.requires_grad for prm in self.host.parameters()}
-        for name in FAKES:
-            inject_adapter_in_model(lora_config(self.host, cfg.fake_lora), self.host, adapter_name=name)
-        for layer in self.host.modules():  # injecting activates the new adapter: the student's stays the active one
-            if isinstance(layer, BaseTunerLayer):
-                layer.set_adapter([a for a in layer.active_adapters if a not in FAKES] or ["default"])
-        for prm in self.host.parameters():
-            prm.requires_grad_(flags.get(id(prm), False))
+        with keep_requires_grad(self.host):
+            for name in FAKES:
+                inject_adapter_in_model(lora_config(self.host, cfg.fake_lora), self.host, adapter_name=name)
+            for layer in self.host.modules():  # injecting activates the new adapter: the student's stays active
+                if isinstance(layer, BaseTunerLayer):
+                    layer.set_adapter([a for a in layer.active_adapters if a not in FAKES] or ["default"])
         for pname, prm in self.host.named_parameters():
             if any(f".{name}." in pname for name in FAKES):
                 prm.requires_grad_(True)
@@ -178,10 +177,8 @@ class DistillDPO:
                 x0, t, eps = batch["x0"][j, rows], batch["t"][j, rows], batch["eps"][j, rows]
                 x_t = self._noised(x0, t, eps)
                 out = self._fake(name, x_t, t, cond)
-                target = {"epsilon": eps, "sample": x0}.get(self.policy.prediction_type)
-                if target is None:  # v_prediction
-                    a = self.policy.alphas_cumprod[t].float().reshape(-1, *([1] * (x0.dim() - 1)))
-                    target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
+                a = self.policy.alphas_cumprod[t].float().reshape(-1, *([1] * (x0.dim() - 1)))
+                target = training_target(self.policy.prediction_type, x0.float(), eps.float(), a)
                 total = total + (noise_error(out, target) * keep).sum() / n_keep
             return total, {}
         # the generator: x0 of the winner and the loser with gradient, at the same t and noise
