@@ -57,7 +57,7 @@ LU = {"use_lu_lambdas": True, "lower_order_final": False}
 @pytest.mark.parametrize(
     "name, make, steps, order",
     [
-        ("ddim", lambda: DDIMScheduler(**LU), (20, 40, 80), 1),
+        ("ddim", lambda: DDIMScheduler(use_lu_lambdas=True), (20, 40, 80), 1),
         ("dpm-solver++ 1", lambda: DPMSolverPlusPlusScheduler(solver_order=1, **LU), (20, 40, 80), 1),
         ("dpm-solver++ 2M", lambda: DPMSolverPlusPlusScheduler(solver_order=2, **LU), (40, 80, 160), 2),
         ("dpm-solver++ 2S", lambda: DPMSolverPlusPlusScheduler(solver_order=2, solver_mode="singlestep", **LU),

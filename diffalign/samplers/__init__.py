@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import DiffAlignScheduler
+from .base import DiffAlignScheduler, init_defaults
 from .dc_solver import DCSolverScheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverScheduler
@@ -55,6 +55,11 @@ def get_scheduler_class(name: str) -> type:
 def make_scheduler(name: str, config: Mapping | None = None, **overrides):
     """Instantiate sampler ``name`` from a (pipeline's) scheduler config with ``overrides``."""
     cls = get_scheduler_class(name)
+    if issubclass(cls, DiffAlignScheduler):
+        unknown = sorted(set(overrides) - set(init_defaults(cls)))
+        if unknown:
+            raise TypeError(f"sampler {name!r} has no option(s) {', '.join(unknown)}; its options: "
+                            f"{', '.join(sorted(init_defaults(cls)))}.")
     return cls.from_config(dict(config or {}), **overrides)
 
 

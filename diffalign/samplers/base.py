@@ -19,10 +19,14 @@ Notation (as in the DPM-Solver papers): x_t = alpha_t x0 + sigma_t eps, lambda_t
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -53,13 +57,17 @@ SCHEDULE_DEFAULTS: dict[str, object] = {
     "rescale_betas_zero_snr": False,
     "use_dynamic_shifting": False,
     "time_shift_type": "exponential",
+    "sigma_min": None,
+    "sigma_max": None,
     "discrete_timesteps": False,
     "check_finite": True,
 }
 """Noise-schedule parameters shared by every diffalign scheduler (diffusers' names and defaults), plus
 ``discrete_timesteps`` (round model timesteps to integers even when the sigma grid is off the integer grid, as
 diffusers does; the default evaluates the model at the exact continuous time of each sigma) and
-``check_finite`` (raise when the model output is NaN/Inf)."""
+``check_finite`` (raise when the model output is NaN/Inf). ``sigma_min`` / ``sigma_max`` bound the Karras grid
+(diffusers' UniPC names)."""
+_OWN_KEYS = ("discrete_timesteps", "check_finite", "sigma_min", "sigma_max")
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 SPACINGS = ("linspace", "leading", "trailing", "time_quadratic")
@@ -78,8 +86,46 @@ def schedule_config(init):
         for name, default in SCHEDULE_DEFAULTS.items()
         if name not in names
     ]
-    init.__signature__ = inspect.Signature(own[:1] + shared + own[1:])
-    return init
+    allowed = names | set(SCHEDULE_DEFAULTS)
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:  # diffusers' schedulers raise here too; a typo must not silently change nothing
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword argument(s) {', '.join(unknown)}; valid: "
+                f"{', '.join(sorted(allowed - {'self'}))}."
+            )
+        init(self, *args, **kwargs)
+
+    checked.__signature__ = inspect.Signature(own[:1] + shared + own[1:])
+    return checked
+
+
+def init_defaults(cls: type) -> dict[str, object]:
+    """The keyword defaults of a scheduler class's ``__init__`` (its config keys)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@functools.cache
+def _diffusers_key_sets() -> dict[frozenset, str]:
+    names = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler", "DDPMScheduler"]
+    sets: dict[frozenset, str] = {}
+    for name in dict.fromkeys(names):
+        cls = getattr(diffusers, name, None)
+        if cls is not None:
+            sets.setdefault(frozenset(init_defaults(cls)), name)
+    return sets
+
+
+def diffusers_source(config: Mapping) -> str | None:
+    """The diffusers scheduler class a config comes from: its ``_class_name``, or the class whose config keys are
+    exactly the config's (an in-memory ``scheduler.config`` has no class name); None if not a diffusers class."""
+    name = config.get("_class_name")
+    if name is None:
+        name = _diffusers_key_sets().get(frozenset(k for k in config if not k.startswith("_")))
+    return name if isinstance(name, str) and hasattr(diffusers, name) else None
 
 
 @dataclass(frozen=True)
@@ -98,6 +144,69 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
     order = 1
     # output kind the update integrates: "x0" (data prediction) or "eps" (noise prediction)
     _solver_output = "x0"
+    # config keys that decide the same thing: an explicit ``from_config`` keyword drops the others' config values
+    _linked_keys: tuple[tuple[str, ...], ...] = ()
+    _replaces: tuple[str, ...] = ()  # the diffusers scheduler classes whose configs this class takes over
+    _leading_ddim = False  # "leading" spacing as DDIM / PNDM (T // n apart) instead of the DPM-Solvers' T // (n + 1)
+
+    # ------------------------------------------------------------------ configs
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        """diffusers' Karras-family schedulers and every diffalign scheduler (``scheduler.compatibles``)."""
+        from . import SAMPLERS
+
+        return list(dict.fromkeys([*super()._get_compatibles(), *SAMPLERS.values()]))
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config parsing, after translating a diffusers scheduler's config (:meth:`_map_config`).
+
+        A config of a diffusers scheduler (named by ``_class_name``, or recognised by its exact set of keys)
+        of a class this one replaces (``_replaces``) gets that class's defaults for the keys it lacks, so that
+        ``from_config`` behaves as that class's would; other configs' missing keys take diffalign's defaults.
+        Keyword arguments win over the config's values, also over linked keys (an explicit ``warmup`` drops the
+        config's ``skip_prk_steps``); unknown ones are warned about.
+        """
+        config = dict(config_dict)
+        source = diffusers_source(config)
+        used_defaults = set(config.pop("_use_default_values", []))
+        config = {k: v for k, v in config.items() if k not in used_defaults}
+        if source == "FlowMatchEulerDiscreteScheduler":
+            config = cls._flow_config(config)
+        if source in cls._replaces:
+            linked = {k: group for group in cls._linked_keys for k in group}
+            for key, default in init_defaults(getattr(diffusers, source)).items():
+                if key not in config and not any(k in config for k in linked.get(key, ())):
+                    config[key] = default
+        for group in cls._linked_keys:
+            if any(k in kwargs for k in group):
+                for k in group:
+                    if k not in kwargs:
+                        config.pop(k, None)
+        config = cls._map_config(config, source)
+        unknown = sorted(set(kwargs) - set(init_defaults(cls)))
+        if unknown:  # diffusers drops unknown keyword arguments silently
+            warnings.warn(f"{cls.__name__}.from_config ignores unknown keyword argument(s) {', '.join(unknown)}.",
+                          stacklevel=3)
+        return super().extract_init_dict(config, **kwargs)
+
+    @classmethod
+    def _map_config(cls, config: dict, source: str | None) -> dict:
+        """Translate the values of a diffusers scheduler's config into this class's terms (extended per sampler)."""
+        return config
+
+    @classmethod
+    def _flow_config(cls, config: dict) -> dict:
+        """A ``FlowMatchEulerDiscreteScheduler`` config (SD3, Flux) as the flow-matching configuration:
+        ``use_flow_sigmas``, ``prediction_type="flow_prediction"`` and ``flow_shift`` from its ``shift``."""
+        for key, default in (("invert_sigmas", False), ("shift_terminal", None), ("stochastic_sampling", False)):
+            if config.get(key) not in (None, default):
+                raise ValueError(f"{cls.__name__} cannot follow a flow-matching config with {key}={config[key]!r}; "
+                                 f"set it to {default!r} or keep FlowMatchEulerDiscreteScheduler.")
+        config.setdefault("use_flow_sigmas", True)
+        config.setdefault("prediction_type", "flow_prediction")
+        config.setdefault("flow_shift", config.get("shift", 1.0))
+        return config
 
     def _init_schedule(self, solver_order: int = 1) -> None:
         """Build betas/alphas/sigmas from the config (diffusers' code) and reset the sampler state."""
@@ -108,12 +217,26 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             raise ValueError(f"timestep_spacing={c.timestep_spacing!r} is not one of {SPACINGS}.")
         if c.final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={c.final_sigmas_type!r} must be 'zero' or 'sigma_min'.")
-        kwargs = {k: c[k] for k in SCHEDULE_DEFAULTS if k not in ("discrete_timesteps", "check_finite")}
+        kwargs = {k: c[k] for k in SCHEDULE_DEFAULTS if k not in _OWN_KEYS}
         DPMSolverMultistepScheduler.__init__.__wrapped__(
             self, **kwargs, solver_order=solver_order, algorithm_type="dpmsolver++"
         )
         self._levels: list[NoiseLevel] = []
         self._reset_state()
+
+    def _resolve_final_alpha(self) -> None:
+        """Reconcile DDIM's / PNDM's ``set_alpha_to_one`` with ``final_sigmas_type`` (both registered, consistent).
+
+        In diffusers' DDIM and PNDM the last step goes to alphabar = 1 (``set_alpha_to_one=True``, sigma 0) or to
+        the first training alphabar (``False``, diffusers' ``final_sigmas_type="sigma_min"``); unset, sigma 0.
+        """
+        c = self.config
+        implied = None if c.set_alpha_to_one is None else ("zero" if c.set_alpha_to_one else "sigma_min")
+        final = c.final_sigmas_type or implied or "zero"
+        if implied is not None and implied != final:
+            raise ValueError(f"set_alpha_to_one={c.set_alpha_to_one} contradicts final_sigmas_type={final!r}; "
+                             "set_alpha_to_one=True means 'zero', False means 'sigma_min'. Pass only one of them.")
+        self.register_to_config(final_sigmas_type=final, set_alpha_to_one=final == "zero")
 
     # ------------------------------------------------------------------ grid
     def set_timesteps(
@@ -122,17 +245,60 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         device: str | torch.device | None = None,
         mu: float | None = None,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> None:
-        """Set the sampling grid: ``num_inference_steps`` model evaluations (or explicit ``timesteps``)."""
-        if timesteps is None:
-            if num_inference_steps is None:
-                raise ValueError("set_timesteps needs `num_inference_steps` (or explicit `timesteps`).")
+        """Set the sampling grid: ``num_inference_steps`` model evaluations, or explicit ``timesteps`` / ``sigmas``.
+
+        ``sigmas`` are in diffusers' convention (VE sigmas, or flow sigmas with ``use_flow_sigmas``), strictly
+        decreasing, without the final one (added by ``final_sigmas_type``); flow sigmas get the configured shift
+        (``flow_shift``, or ``mu`` with ``use_dynamic_shifting``) as in diffusers' flow schedulers.
+        """
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass either `timesteps` or `sigmas` to set_timesteps, not both.")
+        custom = timesteps if timesteps is not None else sigmas
+        if custom is not None:
+            values = np.asarray(custom, dtype=np.float64).reshape(-1)
+            if len(values) == 0 or not np.isfinite(values).all() or (np.diff(values) >= 0).any() or values[-1] < 0:
+                name = "timesteps" if timesteps is not None else "sigmas"
+                raise ValueError(f"custom {name} must be finite, non-negative and strictly decreasing, got {custom!r}.")
+            if num_inference_steps is not None and num_inference_steps != len(values):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(values)} custom steps given.")
+            num_inference_steps, n_evals = None, len(values)
+        elif num_inference_steps is None:
+            raise ValueError("set_timesteps needs `num_inference_steps` (or explicit `timesteps` / `sigmas`).")
+        else:
             if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}.")
-            self._check_num_steps(int(num_inference_steps))
-        self._build_grid(num_inference_steps, device, mu, timesteps)
+            n_evals = int(num_inference_steps)
+        self._check_num_steps(n_evals)
+        self._custom_sigmas = None if sigmas is None else np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        try:
+            self._build_grid(num_inference_steps, device, mu, timesteps)
+        finally:
+            self._custom_sigmas = None
         self._levels = [self._noise_level(float(s)) for s in self.sigmas.double().tolist()]
         self._reset_state()
+
+    def _sigmas_grid(self, sigmas: np.ndarray, device, mu) -> None:
+        """One grid point per custom sigma, then the final sigma; model times are the sigmas' (continuous) times."""
+        c = self.config
+        if c.use_flow_sigmas:
+            if sigmas[0] > 1.0:
+                raise ValueError(f"flow sigmas must lie in [0, 1], got {sigmas[0]:g}.")
+            shift = math.exp(mu) if mu is not None and c.use_dynamic_shifting else c.flow_shift
+            sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+            sigmas = np.minimum(sigmas, 1.0 - 1e-6)  # alpha = 0 at sigma = 1 (diffusers' UniPC moves it too)
+        final = 0.0 if c.final_sigmas_type == "zero" else float(sigmas[-1] if c.use_flow_sigmas else self._sigma_min())
+        all_sigmas = torch.tensor([*sigmas.tolist(), final], dtype=torch.float64)
+        times = self._continuous_timesteps(all_sigmas[:-1])
+        self.timesteps = (times.double().round().long() if c.discrete_timesteps else times).to(device)
+        self.sigmas = all_sigmas.float()
+        self.num_inference_steps = len(self.timesteps)
+
+    def _sigma_min(self) -> float:
+        """The VE sigma of the least noisy training timestep (diffusers' ``final_sigmas_type="sigma_min"``)."""
+        a0 = float(self.alphas_cumprod[0])
+        return math.sqrt((1.0 - a0) / a0)
 
     def _check_num_steps(self, num_inference_steps: int) -> None:
         """Raise if the sampler cannot run with this many model evaluations (overridden per sampler)."""
@@ -148,7 +314,16 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         diffusers' ``use_lu_lambdas=True``. Unless ``discrete_timesteps``, model timesteps are the exact
         continuous times of the sigmas, so the model is evaluated at the noise level the solver assumes.
         """
+        if getattr(self, "_custom_sigmas", None) is not None:
+            return self._sigmas_grid(self._custom_sigmas, device, mu)
         c = self.config
+        off_grid = c.use_lu_lambdas or c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas
+        ddim_leading = self._leading_ddim and not (off_grid or c.use_flow_sigmas)
+        if timesteps is None and c.timestep_spacing == "leading" and ddim_leading:
+            # DDIM's and PNDM's own leading grid (T // n apart); the DPM-Solvers' is T // (n + 1) apart
+            step_ratio = c.num_train_timesteps // num_inference_steps
+            timesteps = (np.arange(num_inference_steps) * step_ratio)[::-1] + c.steps_offset
+            num_inference_steps = None
         if timesteps is None and c.timestep_spacing == "time_quadratic":
             last = self._last_timestep()
             grid = np.linspace(math.sqrt(last - 1), 0.0, num_inference_steps + 1) ** 2
@@ -159,14 +334,25 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
                     "steps or use_lu_lambdas=True."
                 )
         saved = self._internal_dict
+        patch = {}
         if saved.get("solver_order") is None:  # diffusers' grid code sizes its history by solver_order
-            self._internal_dict = FrozenDict({**saved, "solver_order": 1})
-        try:
-            DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, mu, timesteps)
+            patch["solver_order"] = 1
+        if mu is not None and c.use_flow_sigmas and c.use_dynamic_shifting:
+            patch["flow_shift"] = math.exp(mu)  # diffusers' code would write it into the config for good
+        self._internal_dict = FrozenDict({**saved, **patch})
+        try:  # ``mu`` without use_dynamic_shifting is ignored, as diffusers' flow-matching schedulers do
+            DPMSolverMultistepScheduler.set_timesteps(self, num_inference_steps, device, None, timesteps)
         finally:
             self._internal_dict = saved
-        off_grid = c.use_lu_lambdas or c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas
-        if (off_grid or c.use_flow_sigmas) and not c.discrete_timesteps:
+        if c.use_flow_sigmas and off_grid:
+            # a VE-sigma grid made from the betas, mapped to flow sigmas s / (1 + s) (as diffusers' UniPC does)
+            flow = self.sigmas.double() / (1.0 + self.sigmas.double())
+            if c.final_sigmas_type == "sigma_min":
+                flow[-1] = flow[-2]
+            self.sigmas = flow.float()
+            times = self._continuous_timesteps(self.sigmas[:-1])
+            self.timesteps = (times.double().round().long() if c.discrete_timesteps else times).to(device)
+        elif (off_grid or c.use_flow_sigmas) and not c.discrete_timesteps:
             self.timesteps = self._continuous_timesteps(self.sigmas[:-1]).to(device)
 
     def _last_timestep(self) -> int:
@@ -197,6 +383,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+        self._first_index = 0
 
     @property
     def noise_levels(self) -> list[NoiseLevel]:
@@ -250,8 +437,19 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
     ) -> SchedulerOutput | tuple:
-        """Advance ``sample`` from the current grid point to the next one, given the model output there."""
+        """Advance ``sample`` from the current grid point to the next one, given the model output there.
+
+        ``eta`` and ``use_clipped_model_output`` are DDIM's (``DDIMPipeline`` passes them to any scheduler): eta 0
+        and an unset clipping are accepted, anything else is refused here and works with DDIMScheduler.
+        """
+        if (eta is not None and eta != 0) or use_clipped_model_output is not None:
+            raise ValueError(f"{type(self).__name__}.step() takes eta=0 and no use_clipped_model_output (got "
+                             f"eta={eta}, use_clipped_model_output={use_clipped_model_output}); these are DDIM's: use "
+                             "diffalign.samplers.DDIMScheduler, or pass eta=0.")
         if self.num_inference_steps is None or not self._levels:
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called before set_timesteps(); call "
@@ -259,6 +457,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             )
         if self.step_index is None:
             self._init_step_index(timestep)
+            self._first_index = self.step_index  # > 0 when a pipeline starts part-way (img2img strength)
         i = self.step_index
         if i >= len(self.timesteps):
             raise RuntimeError(
@@ -291,6 +490,11 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
 
     def _needs_noise(self) -> bool:
         return False
+
+    def _zero_width(self, i: int) -> bool:
+        """Whether grid points i and i + 1 share one noise level (a final ``sigma_min`` equal to the last grid
+        sigma, as diffusers builds Karras, exponential, beta and logSNR grids): the exact step is the identity."""
+        return self._levels[i].lambda_ == self._levels[i + 1].lambda_
 
     def _adjust_prediction(self, sample: torch.Tensor, x0: torch.Tensor,
                            eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,8 +568,9 @@ class SinglestepMixin:
     outer grid point to the next through intermediate points uniform in lambda, one evaluation per ``step``."""
 
     def _singlestep_grid(self, num_evals, device, mu, timesteps, solver_order: int) -> None:
-        if timesteps is not None:
-            raise ValueError("custom `timesteps` are only supported with solver_mode='multistep'.")
+        if timesteps is not None or getattr(self, "_custom_sigmas", None) is not None:
+            raise ValueError("custom `timesteps` / `sigmas` need solver_mode='multistep': a singlestep solver adds "
+                             "its own intermediate points between the grid points.")
         final_zero = self.config.final_sigmas_type == "zero"
         orders = singlestep_orders(num_evals, solver_order, final_zero)
         self._base_grid(len(orders), device, mu)

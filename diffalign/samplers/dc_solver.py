@@ -208,8 +208,8 @@ class DCSolverScheduler(UniPCScheduler):
     def _history_size(self) -> int:
         return max(self.config.solver_order, self.config.dc_order + 1)
 
-    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:
-        super().set_timesteps(num_inference_steps, device, mu, timesteps)
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None) -> None:
+        super().set_timesteps(num_inference_steps, device, mu, timesteps, sigmas)
         self.dc_ratios_list = self.resolve_ratios(len(self.timesteps))
 
     def resolve_ratios(self, num_steps: int) -> list[float]:

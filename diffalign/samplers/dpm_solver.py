@@ -31,10 +31,13 @@ class DPMSolverScheduler(ExponentialIntegratorScheduler):
         third_order_form: ``"diffusers"`` (the official/diffusers 3M weights) or ``"taylor"`` (exact Taylor
             weight of the D2 term; globally third order) -- see :mod:`diffalign.samplers.exponential`.
         lower_order_final, euler_at_final: diffusers' rules for the last multistep steps.
+        algorithm_type: ``"dpmsolver"`` only (diffusers' name for this method; a ``"dpmsolver++"`` value in a
+            switched config is replaced, since the class chooses the method).
         Shared schedule parameters: :data:`diffalign.samplers.base.SCHEDULE_DEFAULTS`.
     """
 
     _solver_output = "eps"
+    _algorithms = {"dpmsolver++": "dpmsolver"}
 
     @register_to_config
     @schedule_config
@@ -47,6 +50,11 @@ class DPMSolverScheduler(ExponentialIntegratorScheduler):
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         third_order_form: str = "diffusers",
+        algorithm_type: str = "dpmsolver",
         **schedule,
     ):
+        if algorithm_type != "dpmsolver":
+            raise ValueError(f"DPMSolverScheduler is DPM-Solver (noise prediction, algorithm_type='dpmsolver'), got "
+                             f"algorithm_type={algorithm_type!r}; for data prediction or the SDE solver use "
+                             "diffalign.samplers.DPMSolverPlusPlusScheduler.")
         self._init_integrator()

@@ -7,7 +7,7 @@ Updates (see :mod:`diffalign.samplers.exponential`, with (A, B, H) = (sigma, alp
 * 2M / 3M: multistep (Alg. 2 and App. B; ``midpoint`` or ``heun`` second-order term), as diffusers'
   DPMSolverMultistepScheduler;
 * 2S / 3S: singlestep (Alg. 1) through intermediate points uniform in lambda;
-* ``algorithm_type="sde"``: SDE-DPM-Solver++ (Eq. 18-19; multistep extension as in diffusers).
+* ``algorithm_type="sde-dpmsolver++"``: SDE-DPM-Solver++ (Eq. 18-19; multistep extension as in diffusers).
 
 ``thresholding=True`` clips x0 (Imagen's dynamic thresholding): for pixel models it prevents the first step
 from blowing up when alpha_T ~ 0 (cosine betas).
@@ -23,6 +23,9 @@ from diffusers.configuration_utils import register_to_config
 from .base import check_choice, schedule_config
 from .exponential import ExponentialIntegratorScheduler, divided_differences
 
+ALIASES = {"ode": "dpmsolver++", "sde": "sde-dpmsolver++"}
+"""Earlier names of the two algorithm types."""
+
 
 class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     """DPM-Solver++ (data prediction): orders 1-3, multistep or singlestep, ODE or SDE.
@@ -32,7 +35,8 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         solver_mode: ``"multistep"`` or ``"singlestep"`` (then ``num_inference_steps`` counts model evaluations,
             intermediate points included).
         solver_type: ``"midpoint"`` or ``"heun"`` form of the second-order multistep term.
-        algorithm_type: ``"ode"`` or ``"sde"`` (SDE-DPM-Solver++, multistep only; pass ``generator``).
+        algorithm_type: ``"dpmsolver++"`` (the ODE solver) or ``"sde-dpmsolver++"`` (SDE-DPM-Solver++, multistep
+            only; pass ``generator``), diffusers' names; ``"ode"`` and ``"sde"`` are accepted for them.
         third_order_form: ``"diffusers"`` (the official/diffusers 3M weights) or ``"taylor"`` (exact Taylor
             weight of the D2 term; globally third order) -- see :mod:`diffalign.samplers.exponential`.
         lower_order_final, euler_at_final: diffusers' rules for the last steps.
@@ -40,6 +44,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     """
 
     _solver_output = "x0"
+    _algorithms = {"dpmsolver": "dpmsolver++", "sde-dpmsolver": "sde-dpmsolver++"}
 
     @register_to_config
     @schedule_config
@@ -49,22 +54,27 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         solver_order: int = 2,
         solver_mode: str = "multistep",
         solver_type: str = "midpoint",
-        algorithm_type: str = "ode",
+        algorithm_type: str = "dpmsolver++",
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         third_order_form: str = "diffusers",
         **schedule,
     ):
-        check_choice("algorithm_type", algorithm_type, ("ode", "sde"))
-        if algorithm_type == "sde" and solver_mode == "singlestep":
-            raise ValueError("algorithm_type='sde' needs solver_mode='multistep'.")
+        algorithm_type = ALIASES.get(algorithm_type, algorithm_type)
+        if algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            raise ValueError(f"algorithm_type={algorithm_type!r} is DPM-Solver (noise prediction): use "
+                             "diffalign.samplers.DPMSolverScheduler, or 'dpmsolver++' / 'sde-dpmsolver++' here.")
+        check_choice("algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
+        self.register_to_config(algorithm_type=algorithm_type)
+        if algorithm_type == "sde-dpmsolver++" and solver_mode == "singlestep":
+            raise ValueError("algorithm_type='sde-dpmsolver++' needs solver_mode='multistep'.")
         self._init_integrator()
 
     def _needs_noise(self) -> bool:
-        return self.config.algorithm_type == "sde"
+        return self.config.algorithm_type == "sde-dpmsolver++"
 
     def _multistep_update(self, x: torch.Tensor, order: int, noise: torch.Tensor | None) -> torch.Tensor:
-        if self.config.algorithm_type == "ode":
+        if self.config.algorithm_type == "dpmsolver++":
             return super()._multistep_update(x, order, noise)
         # SDE-DPM-Solver++ (Eq. 18-19): x_t = sigma_t/sigma_s e^{-h} x_s + alpha_t (1 - e^{-2h}) D0
         #                                     + sigma_t sqrt(1 - e^{-2h}) z  (+ higher-order D1, D2 terms)

@@ -342,9 +342,9 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         self._grid_index = idx
         self._grid_lambdas = lams
 
-    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None) -> None:
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None) -> None:
         """Set the sampling grid (snapped to the EMS grid when EMS are loaded)."""
-        super().set_timesteps(num_inference_steps, device, mu, timesteps)
+        super().set_timesteps(num_inference_steps, device, mu, timesteps, sigmas)
         if self._grid_index is not None:  # exact noise levels of the snapped EMS grid points
             levels = [self._level(lam) for lam in self._grid_lambdas]
             self._levels = levels + self._levels[len(levels):]

@@ -26,18 +26,48 @@ import torch
 
 from .base import DiffAlignScheduler, NoiseLevel, SinglestepMixin, check_choice
 
+DIFFUSERS_MODES = {"DPMSolverMultistepScheduler": "multistep", "DPMSolverSinglestepScheduler": "singlestep"}
+"""diffusers' DPM-Solver classes and the ``solver_mode`` that behaves like each."""
+
+OTHER_SOLVER_TYPES = ("logrho", "bh1", "bh2")
+"""Solver types of other diffusers schedulers (UniPC, DEIS) that diffusers' DPM-Solvers map to ``midpoint``."""
+
 
 class ExponentialIntegratorScheduler(SinglestepMixin, DiffAlignScheduler):
-    """Multistep / singlestep exponential integrator of order 1-3 (base of DPM-Solver and DPM-Solver++)."""
+    """Multistep / singlestep exponential integrator of order 1-3 (base of DPM-Solver and DPM-Solver++).
+
+    Accepts the configs of diffusers' ``DPMSolverMultistepScheduler`` and ``DPMSolverSinglestepScheduler``: the
+    source class sets ``solver_mode``, the class (DPM-Solver or DPM-Solver++) sets noise or data prediction, an
+    ``sde-`` ``algorithm_type`` selects SDE-DPM-Solver++, and UniPC's ``bh1``/``bh2`` solver types become
+    ``midpoint``, as diffusers maps them.
+    """
+
+    _replaces = tuple(DIFFUSERS_MODES)
+    _algorithms: dict[str, str] = {}  # diffusers' algorithm_type -> this class's, when a config is switched
+
+    @classmethod
+    def _map_config(cls, config: dict, source: str | None) -> dict:
+        config = super()._map_config(config, source)
+        if source in DIFFUSERS_MODES:
+            config.setdefault("solver_mode", DIFFUSERS_MODES[source])
+        if config.get("algorithm_type") in cls._algorithms:
+            config["algorithm_type"] = cls._algorithms[config["algorithm_type"]]
+        return config
 
     def _init_integrator(self) -> None:
         """Check the solver options shared by DPM-Solver and DPM-Solver++, then build the schedule."""
+        if self.config.solver_type in OTHER_SOLVER_TYPES:
+            self.register_to_config(solver_type="midpoint")
         c = self.config
         check_choice("solver_order", c.solver_order, (1, 2, 3))
         check_choice("solver_mode", c.solver_mode, ("multistep", "singlestep"))
         check_choice("solver_type", c.solver_type, ("midpoint", "heun"))
         check_choice("third_order_form", c.third_order_form, ("diffusers", "taylor"))
         self._init_schedule(c.solver_order)
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self._group_sample: torch.Tensor | None = None  # sample at the start of the current singlestep group
 
     def _check_num_steps(self, num_inference_steps: int) -> None:
         order = self.config.solver_order
@@ -69,6 +99,8 @@ class ExponentialIntegratorScheduler(SinglestepMixin, DiffAlignScheduler):
             return self._singlestep_update(sample, out)
         c = self.config
         self._push_output(out, c.solver_order)
+        if self._zero_width(self.step_index):
+            return sample
         order = self._multistep_order(c.solver_order, c.lower_order_final, c.euler_at_final)
         return self._multistep_update(sample, order, noise)
 
@@ -92,6 +124,9 @@ class ExponentialIntegratorScheduler(SinglestepMixin, DiffAlignScheduler):
     def _singlestep_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """One evaluation of a singlestep group: returns the next intermediate point u_k or the group's end."""
         slot = self._slots[self.step_index]
+        if slot.start < self._first_index:  # started inside this group (img2img): first-order steps to its end
+            ratio, _, b_expm1, _ = self._abh(self._levels[self.step_index], self._levels[self.step_index + 1])
+            return ratio * x - b_expm1 * out
         if slot.pos == 0:
             self.model_outputs, self._group_sample = [out], x
         else:
@@ -99,6 +134,8 @@ class ExponentialIntegratorScheduler(SinglestepMixin, DiffAlignScheduler):
         s = self._levels[slot.start]
         target = self._levels[self.step_index + 1]
         m = self.model_outputs
+        if s.lambda_ == target.lambda_:
+            return self._group_sample  # a zero-width group (a repeated final sigma): the exact solution
         ratio, b_t, b_expm1, big_h = self._abh(s, target)
         x_t = ratio * self._group_sample - b_expm1 * m[0]
         if len(m) == 1:

@@ -72,6 +72,9 @@ class PNDMScheduler(DiffAlignScheduler):
             steps make one evaluation each. ``"plms"``: diffusers' ``skip_prk_steps=True`` (crowsonkb's
             PLMS): the same improved-Euler first step, then orders 2 and 3 while the history fills, then
             formula 12; N + 1 evaluations.
+            Default: from diffusers' ``skip_prk_steps`` (True: ``"plms"``, False: ``"f-pndm"``), else ``"s-pndm"``.
+        skip_prk_steps, set_alpha_to_one: diffusers' PNDMScheduler options (see ``warmup``, and
+            :class:`~diffalign.samplers.DDIMScheduler` for ``set_alpha_to_one``); ``"leading"`` spacing is PNDM's.
         Shared schedule parameters: :data:`diffalign.samplers.base.SCHEDULE_DEFAULTS`. The Runge-Kutta
         midpoint is the mean of the two model times, or with ``discrete_timesteps=True`` diffusers' integer
         t_next + (t - t_next) // 2.
@@ -79,10 +82,22 @@ class PNDMScheduler(DiffAlignScheduler):
 
     _solver_output = "eps"
 
+    _linked_keys = (("warmup", "skip_prk_steps"), ("final_sigmas_type", "set_alpha_to_one"))
+    _leading_ddim = True
+    _replaces = ("PNDMScheduler",)
+
     @register_to_config
     @schedule_config
-    def __init__(self, *, warmup: str = "s-pndm", **schedule):
+    def __init__(self, *, warmup: str | None = None, skip_prk_steps: bool | None = None,
+                 set_alpha_to_one: bool | None = None, final_sigmas_type: str | None = None, **schedule):
+        if warmup is None:
+            warmup = "s-pndm" if skip_prk_steps is None else ("plms" if skip_prk_steps else "f-pndm")
         check_choice("warmup", warmup, tuple(WARMUP_RULES))
+        if skip_prk_steps is not None and skip_prk_steps != (warmup != "f-pndm"):
+            raise ValueError(f"warmup={warmup!r} contradicts skip_prk_steps={skip_prk_steps}; the Runge-Kutta warm-up "
+                             "is warmup='f-pndm' (skip_prk_steps=False). Pass only one of them.")
+        self.register_to_config(warmup=warmup, skip_prk_steps=warmup != "f-pndm")
+        self._resolve_final_alpha()
         # read by diffusers' grid code only; DPM-Solver's default keeps configs interchangeable
         self._init_schedule(2)
         self._plan: list[Evaluation] = []
@@ -152,6 +167,8 @@ class PNDMScheduler(DiffAlignScheduler):
     def _update(self, sample, x0, eps, noise):
         i = self.step_index
         ev = self._plan[i]
+        if ev.start < self._first_index:  # started inside a warm-up step (img2img): transfer to the next point
+            return self._phi(sample, eps, self._levels[i], self._levels[i + 1])
         if ev.stage == 0:  # at a grid point: the multistep history holds these outputs only
             self._x_s, self._stages = sample, []
             self._push_output(eps, 4)

@@ -71,6 +71,18 @@ class UniPCScheduler(DiffAlignScheduler):
         Shared schedule parameters: :data:`diffalign.samplers.base.SCHEDULE_DEFAULTS`.
     """
 
+    _replaces = ("UniPCMultistepScheduler",)
+
+    @classmethod
+    def _map_config(cls, config: dict, source: str | None) -> dict:
+        """diffusers' UniPC options that diffalign's UniPC does not have are refused unless unset."""
+        config = super()._map_config(config, source)
+        for key in ("solver_p", "shift_terminal"):
+            if config.get(key) is not None:
+                raise ValueError(f"{cls.__name__} does not support diffusers' {key}={config[key]!r}; unset it or keep "
+                                 "diffusers' UniPCMultistepScheduler.")
+        return config
+
     @register_to_config
     @schedule_config
     def __init__(
@@ -149,6 +161,8 @@ class UniPCScheduler(DiffAlignScheduler):
         """UniP-p from grid point i to i + 1."""
         i = self.step_index
         s, t = self._levels[i], self._levels[i + 1]
+        if self._zero_width(i):
+            return x
         ratio, b_t, b_expm1, big_h = self._linear_part(s, t)
         x_t = ratio * x - b_expm1 * self.model_outputs[-1]
         if order == 1:
