@@ -250,7 +250,7 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             ``guidance_scale`` >= 5, as in the authors' Stable Diffusion sampler (``use_corrector = scale < 5``;
             their pixel-space scripts keep it on). At large guidance it destabilises degenerated statistics as
             UniPC's does (digits model, guidance 7.5, NFE 5: MSE 1.03 with it, 5.9e-2 without) and, with guided EMS
-            on builtin:fashion, doubles the error at NFE 8 (README, Findings).
+            on builtin:fashion, doubles the error at NFE 8 (docs/verification.md, Findings).
         corrector_pseudo: corrector of order predictor + 1 with pseudo-order derivatives (the official README's
             recommendation and the authors' guided samplers; their unconditional scripts turn it off); otherwise a
             corrector of the predictor's order with exact derivatives.

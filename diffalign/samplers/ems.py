@@ -31,7 +31,7 @@ few training timesteps (the fastest sinusoid of the time embedding has a period 
 cell of a coarse grid spans several timesteps (dt/dlambda ~ -100 near t = T for DDPM's linear betas): an exact
 derivative (JVP) samples that wiggle at arbitrary phases and aliases it into b, whose integral then drifts far from
 the change the sampler sees. On builtin:fashion the JVP b at the noisy end jumps between ~0.5 and ~6 from one grid
-point to the next (mean |b|), with grid differences ~1 (README, Findings).
+point to the next (mean |b|), with grid differences ~1 (docs/verification.md, Findings).
 
 Two safeguards not in the paper (both vanish as K -> infinity; see :func:`regression`): elements whose f varies
 by less than 1e-4 of its magnitude get s = 0, and other slopes are shrunk toward 0 by their standard error. On the
@@ -43,7 +43,7 @@ in place of model samples; for guided sampling, samples at that guidance scale) 
 ``trajectories`` (not in the paper), over the states of K solutions of the sampled ODE itself. For an exact
 unguided model the two have the same marginals; a classifier-free-guided ODE does not carry noise along the forward
 process of its own samples, and its states at mid noise differ (on builtin:digits at guidance 7.5 the mean x^2 is
-1.43 vs 0.98 at lambda = -1.2), so guided statistics are best taken on its trajectories (README, Findings).
+1.43 vs 0.98 at lambda = -1.2), so guided statistics are best taken on its trajectories (docs/verification.md, Findings).
 
 **Grid.** N + 1 points uniform in lambda from lambda_T = lambda(t = num_train_timesteps - 1) (the noisiest
 training timestep, sigma_hat = sqrt((1 - abar_{T-1}) / abar_{T-1})) to lambda_0 = lambda(t = 0) (the cleanest,
