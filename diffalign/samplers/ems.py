@@ -43,7 +43,8 @@ in place of model samples; for guided sampling, samples at that guidance scale) 
 ``trajectories`` (not in the paper), over the states of K solutions of the sampled ODE itself. For an exact
 unguided model the two have the same marginals; a classifier-free-guided ODE does not carry noise along the forward
 process of its own samples, and its states at mid noise differ (on builtin:digits at guidance 7.5 the mean x^2 is
-1.43 vs 0.98 at lambda = -1.2), so guided statistics are best taken on its trajectories (docs/verification.md, Findings).
+1.43 vs 0.98 at lambda = -1.2), so guided statistics are best taken on its trajectories (docs/verification.md,
+Findings).
 
 **Grid.** N + 1 points uniform in lambda from lambda_T = lambda(t = num_train_timesteps - 1) (the noisiest
 training timestep, sigma_hat = sqrt((1 - abar_{T-1}) / abar_{T-1})) to lambda_0 = lambda(t = 0) (the cleanest,
