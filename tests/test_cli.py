@@ -77,8 +77,18 @@ def test_sample_from_a_missing_hub_model_offline_says_what_to_do(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert main(["sample", "--model", "some-org/some-model", "--quiet", "--out", str(tmp_path / "g.png")]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
     assert "some-org/some-model" in err and "offline" in err.lower()
+    assert len(err.splitlines()) == 1 and err.endswith(")") and "Traceback" not in err
+
+
+def test_a_hub_model_without_network_fails_at_once_with_one_line(tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("diffalign.rewards.hub.hub_reachable", lambda timeout=3.0: False)
+    assert main(["sample", "--model", "some-org/some-model", "--quiet", "--out", str(tmp_path / "g.png")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "some-org/some-model" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -89,6 +99,10 @@ def test_sample_from_a_missing_hub_model_offline_says_what_to_do(tmp_path, monke
     (["--out", "{tmp}/missing/grid.png"], "does not exist; create it first"),
     (["--out", "{tmp}/grid.txt"], "the grid is an image"),
     (["--json", "{tmp}/missing/meta.json"], "does not exist; create it first"),
+    (["--model", "reference:digits", "--sampler", "dpm-solver++", "--steps", "1000"], "use at most 999 steps"),
+    (["--model", "reference:digits", "--sampler", "unipc", "--steps", "1000"], "use at most 999 steps"),
+    (["--model", "reference:digits", "--sampler", "ddim", "--steps", "2000"], "use at most 999 steps"),
+    (["--model", "builtin:digits", "--sampler", "dpm-solver++", "--steps", "5000"], "use at most 999 steps"),
 ])
 def test_sample_refuses_bad_options_before_working(tmp_path, capsys, args, needle):
     from diffalign.cli import main

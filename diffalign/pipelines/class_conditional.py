@@ -192,7 +192,7 @@ def _offline_message(name: str, err: Exception) -> str:
     return (f"model {name!r} is not available offline: it is not a local directory and its weights are not in the "
             f"Hugging Face cache ({home}). Download it once with network access (e.g. "
             f"`huggingface-cli download {name}`), pass the path of a local diffusers directory instead, or set HF_HOME "
-            f"to a cache that holds it. (Cause: {type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            f"to a cache that holds it. (Cause: {type(err).__name__}: {_first_sentence(str(err))})")
 
 
 def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", **kwargs):
@@ -224,7 +224,9 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu", **kwarg
     try:
         pipe = DiffusionPipeline.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except Exception as cached_err:  # not in the cache: try the hub
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from ..rewards.hub import hub_reachable
+
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or not hub_reachable():
             raise ModelNotAvailableError(_offline_message(name_or_path, cached_err)) from None
         try:
             pipe = DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
@@ -256,3 +258,12 @@ def to_numpy_images(images) -> np.ndarray:
     if isinstance(images, np.ndarray):
         return images
     return np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of an error message, cut at a word boundary when it is longer than ``limit``."""
+    line = (text.strip().splitlines() or [""])[0]
+    sentence = line.split(". ")[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence

@@ -308,6 +308,29 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         self._base_grid(num_inference_steps, device, mu, timesteps)
 
     def _base_grid(self, num_inference_steps, device=None, mu=None, timesteps=None) -> None:
+        """The grid of :meth:`_grid_points`, refused where its noise levels repeat (more steps than the schedule's
+        integer timesteps can space apart): the error names the largest step count that works."""
+        self._grid_points(num_inference_steps, device, mu, timesteps)
+        if num_inference_steps is None or self._strictly_decreasing():
+            return
+        works, fails = 1, num_inference_steps
+        while fails - works > 1:  # bisect for the largest step count with distinct noise levels
+            mid = (works + fails) // 2
+            self._grid_points(mid, device, mu, None)
+            works, fails = (mid, fails) if self._strictly_decreasing() else (works, mid)
+        c = self.config
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} repeats noise levels on this schedule (timestep_spacing="
+            f"{c.timestep_spacing!r}, num_train_timesteps={c.num_train_timesteps}): use at most {works} steps, or a "
+            "continuous grid (use_lu_lambdas=True or use_karras_sigmas=True)."
+        )
+
+    def _strictly_decreasing(self) -> bool:
+        """Whether the grid's noise levels strictly decrease (a final ``sigma_min`` may equal the last one)."""
+        sig = self.sigmas.double()
+        return bool((sig[1:-1] < sig[:-2]).all()) and bool(sig[-1] <= sig[-2])
+
+    def _grid_points(self, num_inference_steps, device=None, mu=None, timesteps=None) -> None:
         """diffusers' timesteps/sigmas for the config, plus the time-quadratic spacing diffusers lacks.
 
         ``time_quadratic`` (DPM-Solver, Lu et al. 2022, Sec. 3.4): t_i quadratic in i. Uniform-logSNR grids are
@@ -490,6 +513,39 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
 
     def _needs_noise(self) -> bool:
         return False
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t noise at model times ``timesteps`` (one per sample, or one for all).
+
+        A time on the current grid uses that grid point's noise level (img2img starts there); any other time, also
+        before ``set_timesteps`` (training code), the training schedule's: alphas_cumprod[t] at integer t, log-sigma
+        interpolation in between, sigma = t / num_train_timesteps for flow matching.
+        """
+        t = torch.as_tensor(timesteps).detach().double().cpu().reshape(-1)
+        on_grid = {}
+        if self._levels:
+            on_grid = {float(g): lvl for g, lvl in zip(self.timesteps.tolist(), self._levels, strict=False)}
+        alphas, sigmas = [], []
+        for value in t.tolist():
+            lvl = on_grid.get(value) or self._training_level(value)
+            alphas.append(lvl.alpha)
+            sigmas.append(lvl.sigma)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = torch.tensor(alphas, dtype=torch.float64).reshape(shape)
+        s = torch.tensor(sigmas, dtype=torch.float64).reshape(shape)
+        work = torch.float64 if original_samples.dtype == torch.float64 else torch.float32
+        a, s = a.to(original_samples.device, work), s.to(original_samples.device, work)
+        x = a * original_samples.to(work) + s * noise.to(original_samples.device, work)
+        return x.to(original_samples.dtype)
+
+    def _training_level(self, t: float) -> NoiseLevel:
+        """(alpha, sigma, lambda) of the training schedule at model time ``t``."""
+        if self.config.use_flow_sigmas:
+            return self._noise_level(t / self.config.num_train_timesteps)
+        ac = self.alphas_cumprod.double().numpy()
+        log_sigmas = 0.5 * np.log((1.0 - ac) / ac)
+        return self._noise_level(math.exp(np.interp(t, np.arange(len(ac)), log_sigmas)))
 
     def _zero_width(self, i: int) -> bool:
         """Whether grid points i and i + 1 share one noise level (a final ``sigma_min`` equal to the last grid

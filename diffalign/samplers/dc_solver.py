@@ -185,7 +185,7 @@ class DCSolverScheduler(UniPCScheduler):
         predict_x0: bool = True,
         solver_type: str = "bh2",
         lower_order_final: bool = True,
-        disable_corrector: list[int] | None = None,
+        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' default, read-only)
         use_corrector: bool = True,
         dc_order: int = 2,
         dc_ratios_path: str | None = None,

@@ -92,7 +92,7 @@ class UniPCScheduler(DiffAlignScheduler):
         predict_x0: bool = True,
         solver_type: str = "bh2",
         lower_order_final: bool = True,
-        disable_corrector: list[int] | None = None,
+        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' default, read-only)
         use_corrector: bool = True,
         **schedule,
     ):
