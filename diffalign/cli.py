@@ -12,7 +12,7 @@ import torch
 
 def _sample(args) -> None:
     from .models.registry import MODELS, load_model
-    from .sampling import pipeline_images, sample_images, save_grid
+    from .sampling import image_seeds, pipeline_images, sample_images, save_grid, save_images
 
     if args.prompt is None and args.guidance != 1.0:
         print(f"diffalign: warning: --guidance {args.guidance:g} has no effect without --prompt (unconditional "
@@ -23,7 +23,7 @@ def _sample(args) -> None:
         named = load_model(args.model, device=args.device)
         label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
         images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
-                               device=args.device, progress=not args.quiet)
+                               device=args.device, progress=not args.quiet, batch_size=args.batch_size)
     else:  # a local diffusers directory or a hub id
         from . import load_pipeline
 
@@ -32,13 +32,19 @@ def _sample(args) -> None:
         args.sampler = args.sampler or getattr(pipe, "recommended_sampler", None) or "dpm-solver++"
         args.steps = args.steps or getattr(pipe, "recommended_steps", None) or 20
         images = pipeline_images(pipe, args.sampler, args.steps, args.num_images, args.prompt, args.guidance,
-                                 args.seed, progress=not args.quiet)
+                                 args.seed, progress=not args.quiet, batch_size=args.batch_size)
+    seeds = image_seeds(args.seed, len(images))
     save_grid(images, args.out, title=f"{args.model} | {args.sampler} {args.steps} steps | g={args.guidance}")
-    meta = [{"index": i, "model": args.model, "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
+    meta = [{"index": i, "model": args.model, "seed": seeds[i], "sampler": args.sampler, "steps": args.steps,
              "guidance": args.guidance, "prompt": args.prompt} for i in range(len(images))]
+    if args.out_dir:
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in (args.prompt or "uncond"))[:40]
+        files = save_images(images, args.out_dir, [f"{i:04d}-{tag}-seed{seeds[i]}" for i in range(len(images))])
+        for entry, path in zip(meta, files, strict=True):
+            entry["file"] = str(path)
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=2))
-    print(f"wrote {args.out} ({len(images)} images)")
+    print(f"wrote {args.out} ({len(images)} images)" + (f" and one PNG each in {args.out_dir}" if args.out_dir else ""))
 
 
 def _bench(args) -> None:
@@ -161,14 +167,14 @@ def _eval_fid(args) -> None:
         fid = FID(features, device=args.device)
         fid.load_reference(stats)
         images, _ = eval_images(args.model, args.num_images, args.seed, args.guidance, args.sampler, args.steps,
-                                device=args.device)
+                                device=args.device, batch_size=args.batch_size)
         fid.add(images)
         result = {"fid": fid.compute(), "model": args.model, "sampler": args.sampler, "steps": args.steps,
                   "num_images": args.num_images, "guidance": args.guidance, "seed": args.seed}
     else:
         named = load_model(args.model, device=args.device)
         result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,
-                              args.seed, device=args.device, progress=not args.quiet)
+                              args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
         result["model"] = args.model
     result.update(features=features_name, reference=str(stats))
     print(f"FID {result['fid']:.4f} ({features_name} features, reference {stats})")
@@ -269,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=None, help="class name or index; omit for unconditional samples")
     s.add_argument("--num-images", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="grid.png")
-    s.add_argument("--json", default=None, help="write per-image metadata here")
+    s.add_argument("--batch-size", type=int, default=None, help="images per batch (memory); default: all at once")
+    s.add_argument("--out", default="grid.png", help="the grid of all images (PNG, JPEG or WebP)")
+    s.add_argument("--out-dir", default=None, help="also write one PNG per image here (names carry prompt and seed)")
+    s.add_argument("--json", default=None, help="write per-image metadata (seed, model, file) here")
     s.set_defaults(func=_sample)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--images", default=None, help="a folder of images instead of --model")
     ef.add_argument("--features", default=None, help="classifier:builtin:<model> (default for built-ins) or inception")
     ef.add_argument("--stats", default=None, help="reference statistics (default: the built-in model's)")
+    ef.add_argument("--batch-size", type=int, default=250, help="images sampled per batch (memory)")
     ef.add_argument("--json", default=None)
     ef.set_defaults(func=_eval_fid)
     er = evsub.add_parser("reward", help="mean reward of a model on a fixed (prompt, seed) set")
@@ -434,7 +443,30 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (t, er, ap, ds):
         sp.add_argument("--device", default=None, help="default: cpu (train: accelerate's choice)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _document(p)
     return p
+
+
+def _document(parser: argparse.ArgumentParser) -> None:
+    """Every option's help shows its default; ``--sampler`` and ``--model`` list the valid names."""
+    from .models.registry import MODELS
+    from .samplers import SAMPLERS
+
+    samplers = ", ".join(SAMPLERS) + ", or diffusers:<SchedulerClass>"
+    models = ", ".join(MODELS) + ", a diffusers directory, a cached hub id, or a training output directory"
+    parser.epilog = f"samplers: {samplers}. models: {models}."
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _document(sub)
+            continue
+        if action.option_strings and action.dest in ("sampler", "model"):
+            names = samplers if action.dest == "sampler" else models
+            action.help = f"{action.help}; one of: {names}" if action.help else f"one of: {names}"
+        documented = action.help and "default" in action.help
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and not documented:
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -447,10 +479,25 @@ def _validate(args) -> None:
     guidance = getattr(args, "guidance", None)
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance}.")
-    for name in ("num_images", "steps", "max_steps", "num_prompts", "num_pairs"):
+    for name in ("num_images", "steps", "max_steps", "num_prompts", "num_pairs", "batch_size", "num_datapoints",
+                 "grid", "iters", "k"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    nfe = getattr(args, "nfe", None)
+    if nfe is not None:
+        try:
+            values = [int(k) for k in nfe.split(",") if k.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise ValueError(f"--nfe must be comma-separated integers >= 1 (e.g. 5,10,20), got {nfe!r}.")
+    sampler = getattr(args, "sampler", None)  # one name, or a list (data synth)
+    names = (sampler if isinstance(sampler, list) else [sampler]) + (getattr(args, "samplers", None) or "").split(",")
+    from .samplers import get_scheduler_class
+
+    for name in filter(None, names):
+        get_scheduler_class(name)  # raises naming the valid samplers
     device = getattr(args, "device", None)
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available to this torch build; use --device cpu.")
@@ -459,6 +506,9 @@ def _validate(args) -> None:
         files.append(("--out", args.out))
         if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"--out {args.out}: the grid is an image; use one of {', '.join(IMAGE_SUFFIXES)}.")
+    out_dir = getattr(args, "out_dir", None)
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file; give a directory.")
     for flag, path in files:
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{flag} {path}: the directory {Path(path).parent} does not exist; create it first.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
@@ -9,26 +11,54 @@ from .samplers import make_scheduler, trajectory
 
 
 def sample_images(named_model, sampler: str, steps: int, num_images: int, label: int | None = None,
-                  guidance: float = 1.0, seed: int = 0, device: str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Images in [0, 1], shape [N, C, H, W]; class-conditional (and guided) when ``label`` is given."""
+                  guidance: float = 1.0, seed: int = 0, device: str = "cpu", progress: bool = True,
+                  batch_size: int | None = None) -> torch.Tensor:
+    """Images in [0, 1], shape [N, C, H, W]; class-conditional (and guided) when ``label`` is given.
+
+    Image i starts from the noise of seed ``seed + i`` (see :func:`image_seeds`), so with a deterministic sampler
+    it does not depend on ``batch_size`` (default: all images in one batch) or on the other images.
+    """
     from tqdm.auto import tqdm
+
+    from .eval.sampler_bench import sampler_overrides
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
-    from .eval.sampler_bench import sampler_overrides
-
+    batch_size = batch_size or num_images
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     overrides = sampler_overrides(named_model, sampler, guidance)
-    sched = make_scheduler(sampler, {**named_model.scheduler_config, **overrides})
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=named_model.dtype).to(device)
-    labels = None if label is None else torch.full((num_images,), label, dtype=torch.long, device=device)
-    def model(x_t, t):
-        return named_model.predict(x_t, t, labels, guidance)
+    noise = initial_noise(named_model.sample_shape, image_seeds(seed, num_images), named_model.dtype)
+    batches = range(0, num_images, batch_size)
+    bar = tqdm(desc=sampler, total=steps * len(batches), unit="step", disable=not progress)
+    out = []
+    for start in batches:
+        sched = make_scheduler(sampler, {**named_model.scheduler_config, **overrides})
+        x = noise[start:start + batch_size].to(device)
+        n = len(x)
+        labels = None if label is None else torch.full((n,), label, dtype=torch.long, device=device)
+        gen = torch.Generator().manual_seed(seed + start)  # the step noise of stochastic samplers
 
-    for x_next in tqdm(trajectory(sched, model, x, steps, generator=gen), desc=sampler, total=steps, unit="step",
-                       disable=not progress):
-        x = x_next
-    return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+        def model(x_t, t, labels=labels):
+            return named_model.predict(x_t, t, labels, guidance)
+
+        for x_next in trajectory(sched, model, x, steps, generator=gen):
+            x = x_next
+            bar.update()
+        out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def image_seeds(seed: int, num_images: int) -> list[int]:
+    """The seed of each image of a run with ``seed``: ``seed + i`` (``--seed`` of a one-image run reproduces it)."""
+    return [seed + i for i in range(num_images)]
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise [len(seeds), *shape], one generator per image."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s), dtype=dtype)
+                      for s in seeds])
 
 
 def save_grid(images: torch.Tensor, path: str, title: str = "", scale: int | None = None) -> Image.Image:
@@ -54,25 +84,45 @@ def save_grid(images: torch.Tensor, path: str, title: str = "", scale: int | Non
 
 
 def pipeline_images(pipe, sampler: str, steps: int, num_images: int, prompt: str | None = None, guidance: float = 1.0,
-                    seed: int = 0, progress: bool = True) -> torch.Tensor:
+                    seed: int = 0, progress: bool = True, batch_size: int | None = None) -> torch.Tensor:
     """Images in [0, 1] from any diffusers pipeline with the sampler swapped in (only the arguments its
-    ``__call__`` accepts are passed: prompt, guidance_scale, batch size)."""
+    ``__call__`` accepts are passed: prompt, guidance_scale, batch size); image i uses a generator of seed
+    ``seed + i``, in batches of ``batch_size`` (default: all at once)."""
     import inspect
 
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress)
     accepted = inspect.signature(pipe.__call__).parameters
-    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
-    if "prompt" in accepted and prompt is not None:
-        kwargs["prompt"] = [prompt] * num_images
-    elif "batch_size" in accepted:
-        kwargs["batch_size"] = num_images
-    elif "num_images_per_prompt" in accepted:
-        kwargs["num_images_per_prompt"] = num_images
-    if "guidance_scale" in accepted:
-        kwargs["guidance_scale"] = guidance
-    images = pipe(**kwargs).images
-    images = torch.as_tensor(images)
-    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.permute(0, 3, 1, 2)
-    return images.float().clamp(0, 1).cpu()
+    seeds = image_seeds(seed, num_images)
+    batch_size = batch_size or num_images
+    out = []
+    for start in range(0, num_images, batch_size):
+        n = len(seeds[start:start + batch_size])
+        kwargs = {"num_inference_steps": steps, "output_type": "pt",
+                  "generator": [torch.Generator().manual_seed(s) for s in seeds[start:start + n]]}
+        if "prompt" in accepted and prompt is not None:
+            kwargs["prompt"] = [prompt] * n
+        elif "batch_size" in accepted:
+            kwargs["batch_size"] = n
+        elif "num_images_per_prompt" in accepted:
+            kwargs["num_images_per_prompt"] = n
+        if "guidance_scale" in accepted:
+            kwargs["guidance_scale"] = guidance
+        images = torch.as_tensor(pipe(**kwargs).images)
+        if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.permute(0, 3, 1, 2)
+        out.append(images.float().clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+def save_images(images: torch.Tensor, out_dir: str | Path, names: list[str]) -> list[Path]:
+    """Save [N, C, H, W] images in [0, 1] as one PNG each, ``out_dir/<name>.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for a, name in zip(arr, names, strict=True):
+        path = out_dir / f"{name}.png"
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+        paths.append(path)
+    return paths

@@ -132,3 +132,51 @@ def test_samplers_and_models_list(capsys):
     assert "dpm-solver-v3" in capsys.readouterr().out
     assert main(["models", "list"]) == 0
     assert "sneaker" in capsys.readouterr().out
+
+
+def test_each_image_has_its_own_seed_and_file_and_batches_do_not_change_it(tmp_path):
+    common = ["sample", "--model", "builtin:digits", "--prompt", "3", "--steps", "6", "--quiet"]
+    assert main([*common, "--num-images", "4", "--batch-size", "3", "--out", str(tmp_path / "a.png"),
+                 "--out-dir", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--num-images", "1", "--seed", "2", "--out", str(tmp_path / "b.png"),
+                 "--out-dir", str(tmp_path / "b"), "--json", str(tmp_path / "b.json")]) == 0
+    meta = json.loads((tmp_path / "a.json").read_text())
+    assert [m["seed"] for m in meta] == [0, 1, 2, 3] and all(m["model"] == "builtin:digits" for m in meta)
+    alone = json.loads((tmp_path / "b.json").read_text())[0]
+    assert alone["seed"] == 2 and "seed2" in alone["file"]
+    third = Image.open(meta[2]["file"])
+    assert list(third.getdata()) == list(Image.open(alone["file"]).getdata())  # image 2 of 4 = a run with --seed 2
+    assert len(list((tmp_path / "a").glob("*.png"))) == 4
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "samplers", "--samplers", "nope", "--nfe", "5"], "unknown sampler 'nope'"),
+    (["bench", "samplers", "--nfe", "0"], "--nfe"),
+    (["bench", "samplers", "--nfe", "five"], "--nfe"),
+    (["bench", "samplers", "--model", "nope:x"], "unknown model"),
+    (["bench", "samplers", "--json", "{tmp}/missing/b.json"], "does not exist"),
+    (["eval", "fid", "--model", "builtin:digits", "--num-images", "0"], "--num-images must be >= 1"),
+    (["eval", "fid", "--model", "builtin:digits", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["eval", "fid", "--model", "builtin:digits", "--sampler", "nope"], "unknown sampler 'nope'"),
+    (["eval", "reward", "--model", "builtin:digits", "--reward", "nope"], "nope"),
+    (["ems", "compute", "--model", "nope:x", "--out", "{tmp}/ems"], "unknown model"),
+    (["ems", "compute", "--num-datapoints", "0", "--out", "{tmp}/ems"], "--num-datapoints must be >= 1"),
+    (["calibrate", "dc-solver", "--steps", "0", "--out", "{tmp}/r.json"], "--steps must be >= 1"),
+    (["calibrate", "dc-solver", "--steps", "5", "--guidance", "-2", "--out", "{tmp}/r.json"], "--guidance"),
+    (["train", "d3po", "--model", "builtin:digits", "--reward", "nope", "--out", "{tmp}/run"], "nope"),
+    (["train", "d3po", "--model", "nope:x", "--reward", "brightness", "--out", "{tmp}/run"], "nope:x"),
+    (["train", "d3po", "--model", "builtin:digits", "--reward", "brightness", "--max-steps", "0",
+      "--out", "{tmp}/run"], "--max-steps must be >= 1"),
+    (["sample", "--sampler", "nope", "--out", "{tmp}/g.png"], "unknown sampler 'nope'"),
+    (["sample", "--model", "builtin:digits", "--prompt", "zebra", "--out", "{tmp}/g.png"], "zebra"),
+    (["sample", "--batch-size", "0", "--out", "{tmp}/g.png"], "--batch-size must be >= 1"),
+    (["sample", "--out", "{tmp}/g.png", "--out-dir", "{tmp}/file.txt"], "is a file"),
+])
+def test_every_command_refuses_bad_input_with_one_line_and_no_output(tmp_path, capsys, argv, needle):
+    (tmp_path / "file.txt").write_text("x")
+    before = set(tmp_path.rglob("*"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert set(tmp_path.rglob("*")) == before  # nothing written, not even an empty directory

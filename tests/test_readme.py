@@ -86,3 +86,24 @@ def test_docs_links_resolve():
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.exists(), f"{_name(page)} links to {target}, which does not exist"
+
+
+def test_the_cli_reference_names_every_option_of_every_command():
+    import argparse
+
+    from diffalign.cli import build_parser
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help" and not re.search(f"`{option}[` ]", text):
+                    missing.append(f"{path} {option}")
+
+    walk(build_parser(), "diffalign")
+    assert missing == [], f"docs/cli.md does not document: {missing}"
