@@ -220,6 +220,10 @@ def run(pipe: DiffusionPipeline, kind: str, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_pipeline_runs_end_to_end_with_finite_images_identical_under_the_same_seed(kind, name):
     pipe, config = pipeline(kind)
+    if name.endswith("pndm") and "shift" in config:  # refused: PNDM's pseudo steps diverge at alpha ~ 0
+        with pytest.raises(ValueError, match="does not support flow-matching sigmas"):
+            diffalign_scheduler(name, config)
+        return
     pipe.scheduler = diffalign_scheduler(name, config)
     assert pipe.scheduler.config.use_flow_sigmas == ("shift" in config)  # flow pipelines get flow sampling
     try:
@@ -237,6 +241,6 @@ def test_pipeline_runs_end_to_end_with_finite_images_identical_under_the_same_se
 def test_a_flow_matching_scheduler_config_selects_flow_sampling():
     config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
     wanted = (True, "flow_prediction", 3.0)  # (use_flow_sigmas, prediction_type, flow_shift)
-    got = {name: make_scheduler(name, config).config for name in NAMES}
+    got = {name: make_scheduler(name, config).config for name in NAMES if not name.endswith("pndm")}
     got = {name: (c.use_flow_sigmas, c.prediction_type, c.flow_shift) for name, c in got.items()}
     assert {name: value for name, value in got.items() if value != wanted} == {}

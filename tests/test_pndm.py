@@ -154,8 +154,7 @@ def test_s_pndm_is_improved_euler_then_second_order_multistep():
 
 
 @pytest.mark.parametrize("warmup", ["f-pndm", "plms"])
-@pytest.mark.parametrize("prediction_type, flow", [("sample", False), ("v_prediction", False),
-                                                   ("flow_prediction", True)])
+@pytest.mark.parametrize("prediction_type, flow", [("sample", False), ("v_prediction", False)])
 def test_prediction_types_give_the_same_trajectory(warmup, prediction_type, flow):
     """The same model expressed as eps, x0, v or flow velocity: outputs are converted to eps at each point."""
     mu, s0 = 0.3, 0.7

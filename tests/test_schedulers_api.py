@@ -54,7 +54,17 @@ def exact_flow_solution(sigma_start: float) -> torch.Tensor:
     return solve_reference(FLOW_MODEL, X_T, sigma_start / (1 - sigma_start), 0.0)
 
 
-@pytest.mark.parametrize("name", NAMES)
+FLOW_NAMES = [n for n in NAMES if not n.endswith("pndm")]
+
+
+@pytest.mark.parametrize("name", ["pndm", "dualfast:pndm"])
+@pytest.mark.parametrize("warmup", ["f-pndm", "s-pndm", "plms"])
+def test_pndm_refuses_flow_matching_sigmas_with_the_samplers_to_use(name, warmup):
+    with pytest.raises(ValueError, match="does not support flow-matching sigmas.*DDIMScheduler"):
+        make_scheduler(name, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, warmup=warmup)
+
+
+@pytest.mark.parametrize("name", FLOW_NAMES)
 def test_flow_matching_configuration_converges_to_the_exact_solution(name):
     config = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
     model = FLOW_MODEL
