@@ -128,3 +128,35 @@ def test_dynamic_thresholding_keeps_cosine_schedule_bounded():
     clipped = sample(DPMSolverPlusPlusScheduler(thresholding=True, **config), overshooting, x_T, 10)
     assert free.abs().max() > 10
     assert clipped.abs().max() <= 1.0 + 1e-6
+
+
+ZERO_WIDTH_VARIANTS = [
+    ("dpm-solver++", {"solver_order": 2}), ("dpm-solver++", {"solver_order": 3}),
+    ("dpm-solver++", {"solver_order": 3, "third_order_form": "taylor"}),
+    ("dpm-solver++", {"solver_order": 2, "solver_type": "heun"}),
+    ("dpm-solver++", {"algorithm_type": "sde-dpmsolver++"}),
+    ("dpm-solver++", {"solver_mode": "singlestep", "solver_order": 2}),
+    ("dpm-solver++", {"solver_mode": "singlestep", "solver_order": 3}),
+    ("dpm-solver", {}), ("dpm-solver", {"solver_mode": "multistep"}),
+    ("dualfast:dpm-solver++", {}), ("ddim", {}), ("pndm", {}),
+    # predictor-corrector samplers still correct the previous step at the last point; without it, the identity
+    ("dpm-solver-v3", {"use_corrector": False}), ("unipc", {"use_corrector": False}),
+    ("dc-solver", {"use_corrector": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), ZERO_WIDTH_VARIANTS, ids=lambda v: str(v))
+def test_a_repeated_final_sigma_is_a_zero_length_step(name, options):
+    """use_lu_lambdas with final_sigmas_type='sigma_min' (diffusers' grid) ends on two equal sigmas: the last step
+    is the identity, exactly the solution over a zero-length interval, and everything stays finite."""
+    from diffalign.models import digits_reference_model
+    from diffalign.samplers import make_scheduler, trajectory
+
+    config = {"use_lu_lambdas": True, "final_sigmas_type": "sigma_min"}
+    model = digits_reference_model(config)
+    sched = make_scheduler(name, config, **options)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    states = list(trajectory(sched, model, x_T, 20, generator=torch.Generator().manual_seed(1)))
+    assert sched.noise_levels[-1].lambda_ == sched.noise_levels[-2].lambda_
+    assert all(torch.isfinite(x).all() for x in states)
+    assert torch.equal(states[-1], states[-2])
