@@ -54,8 +54,28 @@ def _bench(args) -> None:
     named = load_model(args.model, device=args.device)
     records = bench_samplers(named, [s for s in args.samplers.split(",") if s], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, seed=args.seed, device=args.device,
-                             progress=not args.quiet)
+                             progress=not args.quiet, grids=tuple(g for g in args.grids.split(",") if g),
+                             schedules=args.schedules)
     report(records, args.json)
+
+
+def _calibrate_timesteps(args) -> None:
+    from .models.registry import load_model
+    from .samplers.timesteps import schedule_fingerprint, search_schedule, write_entry
+
+    named = load_model(args.model, device=args.device)
+    state = Path(str(args.out) + ".search.json")  # the best grid so far: a rerun resumes from it
+    entry = search_schedule(named, args.sampler, args.nfe, args.guidance, args.num_noises, args.seed, args.minutes,
+                            args.method, device=args.device, progress=not args.quiet, state_path=state)
+    from .samplers import make_scheduler
+
+    schedule = schedule_fingerprint(make_scheduler(args.sampler, named.scheduler_config).config)
+    path = write_entry(args.out, args.model, args.sampler, float(args.guidance), schedule, entry)
+    state.unlink(missing_ok=True)
+    gain = entry["mse_default"] / entry["mse"] if entry["mse"] > 0 else float("inf")
+    print(f"{args.sampler} NFE {args.nfe} ({entry['steps']} steps): MSE {entry['mse_default']:.4e} (default grid), "
+          f"{entry['mse_logsnr_uniform']:.4e} (logSNR-uniform) -> {entry['mse']:.4e} searched ({gain:.2f}x lower) in "
+          f"{entry['seconds']:.0f} s; wrote {path}")
 
 
 def _calibrate_dc(args) -> None:
@@ -290,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--guidance", type=float, default=1.0)
     bs.add_argument("--num-images", type=int, default=16)
     bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--grids", default="default",
+                    help="comma-separated: default (the model's grid), logsnr (uniform in logSNR), searched "
+                         "(searched time steps, from --schedules or the shipped ones)")
+    bs.add_argument("--schedules", default=None, help="directory of schedule files <sampler>_g<guidance>.json")
     bs.add_argument("--json", default=None)
     bs.set_defaults(func=_bench)
 
@@ -307,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
     cd.add_argument("--config", action="append", metavar="KEY=VALUE", help="scheduler config override (repeatable)")
     cd.set_defaults(func=_calibrate_dc)
+    ct = csub.add_parser("timesteps", help="search a sampler's time steps for one model, NFE and guidance")
+    ct.add_argument("--model", default="builtin:fashion")
+    ct.add_argument("--sampler", default="dpm-solver++")
+    ct.add_argument("--nfe", type=int, required=True, help="model evaluations per sample")
+    ct.add_argument("--guidance", type=float, default=1.0)
+    ct.add_argument("--out", required=True, help="schedule JSON file (entries for other NFE are kept)")
+    ct.add_argument("--minutes", type=float, default=10.0, help="search budget")
+    ct.add_argument("--method", choices=["evolution", "powell"], default="evolution")
+    ct.add_argument("--num-noises", type=int, default=32, help="noises the error is measured on")
+    ct.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
+    ct.set_defaults(func=_calibrate_timesteps)
     cc = csub.add_parser("cpr", help="fit the cascade polynomial regression to calibrated ratio files")
     cc.add_argument("--inputs", required=True, help="comma-separated ratio JSON files")
     cc.add_argument("--out", required=True)
@@ -437,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("action", choices=["list"])
     sl.set_defaults(func=_samplers)
 
-    for sp in (s, bs, cd, cc, ec, ef, es, m):
+    for sp in (s, bs, cd, ct, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     for sp in (t, er, ap, ds):
@@ -487,7 +522,7 @@ def _validate(args) -> None:
     nfe = getattr(args, "nfe", None)
     if nfe is not None:
         try:
-            values = [int(k) for k in nfe.split(",") if k.strip()]
+            values = [int(k) for k in str(nfe).split(",") if k.strip()]
         except ValueError:
             values = []
         if not values or min(values) < 1:

@@ -20,7 +20,7 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     """
     from tqdm.auto import tqdm
 
-    from .eval.sampler_bench import sampler_overrides
+    from .models.sampler_data import sampler_overrides
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")

@@ -7,7 +7,6 @@ it is a 500-step DPM-Solver++(3M) solution in float64.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.reference import ReferenceModel, solve_reference
-from ..samplers import get_scheduler_class, make_scheduler
+from ..models.sampler_data import sampler_overrides
+from ..samplers import make_scheduler
 from ..samplers.loop import count_evaluations, sample
 
 BASELINES = ("diffusers:DPMSolverMultistepScheduler", "diffusers:UniPCMultistepScheduler")
@@ -82,26 +82,37 @@ class _TimedStep:
         return out
 
 
-def sampler_overrides(named_model, name: str, guidance: float) -> dict:
-    """Config entries for sampler ``name`` on this model: the model's per-sampler calibration data
-    (``NamedModel.sampler_overrides``, e.g. DC-Solver ratio files; a ``dualfast:<base>`` sampler uses its base's) and
-    ``guidance_scale`` for samplers whose calibration depends on the guidance scale (a ``guidance_scale`` argument)."""
-    table = getattr(named_model, "sampler_overrides", None) or {}
-    overrides = dict(table.get(name) or table.get(name.removeprefix("dualfast:")) or {})
-    if not name.startswith("diffusers:") and "guidance_scale" in inspect.signature(
-            get_scheduler_class(name).__init__).parameters:
-        overrides["guidance_scale"] = float(guidance)
-    return overrides
+GRIDS = ("default", "logsnr", "searched")
+"""Grids a benchmark can run each sampler on: the model's default grid, uniform in logSNR, or searched."""
 
 
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   progress: bool = True, variants: dict[str, tuple[str, dict]] | None = None) -> list[BenchRecord]:
+                   progress: bool = True, variants: dict[str, tuple[str, dict]] | None = None,
+                   grids: tuple[str, ...] = ("default",), schedules: str | Path | None = None) -> list[BenchRecord]:
     """Run each sampler at each NFE from the same noise; diffusers' DPM-Solver++ and UniPC are always included.
 
     ``variants`` adds rows ``label -> (sampler name, extra config)``, e.g. a sampler with non-default options.
+    ``grids`` adds, per diffalign sampler, rows ``<name>@logsnr`` (``use_lu_lambdas``) and ``<name>@searched``
+    (searched time steps: the files in the ``schedules`` directory, ``<sampler>_g<guidance>.json``, else the shipped
+    ones; NFEs without a searched grid are left out). Plain rows use the default grid.
     """
+    from ..models.sampler_data import schedule_file
+
     variants = dict(variants or {})
+    unknown = set(grids) - set(GRIDS)
+    if unknown:
+        raise ValueError(f"unknown grid(s) {sorted(unknown)}; choose from {GRIDS}.")
+    for name in samplers:
+        if name.startswith("diffusers:"):
+            continue
+        if "logsnr" in grids:
+            variants[f"{name}@logsnr"] = (name, {"use_lu_lambdas": True})
+        if "searched" in grids:
+            file = (Path(schedules) / schedule_file("", name, guidance).name if schedules is not None
+                    else schedule_file(named_model.name, name, guidance))
+            if file.is_file():
+                variants[f"{name}@searched"] = (name, {"timesteps_path": str(file), "timesteps_missing": "error"})
     names = list(dict.fromkeys(list(samplers) + list(BASELINES) + list(variants)))
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=torch.float64)
@@ -112,8 +123,17 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     jobs = [(n, k) for n in names for k in nfes]
     for label, nfe in tqdm(jobs, desc="bench", disable=not progress):
         name, extra = variants.get(label, (label, {}))
-        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance), **extra})
-        steps = steps_for_nfe(sched, nfe)
+        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance, searched=False),
+                                      **extra})
+        if label.endswith("@searched"):  # the step count of this NFE on the plain grid, if a grid was searched for it
+            steps = steps_for_nfe(make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance,
+                                                                                       searched=False)}), nfe)
+            try:
+                sched.set_timesteps(steps)
+            except ValueError:
+                continue
+        else:
+            steps = steps_for_nfe(sched, nfe)
         timer = _TimedStep(sched)
         sched.step = timer
         x = x_T.to(device=device, dtype=dtype)

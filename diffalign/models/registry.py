@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .reference import ReferenceModel, digits_reference_model
+from .sampler_data import DC_RATIOS, EMS_DIR, shipped_overrides  # noqa: F401
 
-DC_RATIOS = Path(__file__).parent / "dc_ratios"
-EMS_DIR = Path(__file__).parent / "ems"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -51,22 +49,6 @@ MODELS.update({
     "builtin:digits": "shipped class-conditional UNet trained on scikit-learn's 8x8 digits (real model error)",
     "builtin:fashion": "shipped class-conditional UNet trained on Fashion-MNIST 32x32 (prompts 'sneaker', 'bag', ...)",
 })
-
-
-def shipped_overrides(name: str) -> dict:
-    """Sampler config pointing at the files shipped for model ``name``: DC-Solver ratios / CPR
-    (``diffalign calibrate``) under ``dc_ratios/<name>/`` and DPM-Solver-v3 statistics (``diffalign ems compute``)
-    under ``ems/<name>/`` (one set per guidance scale in subdirectories), with ``:`` in the name written as ``_``."""
-    slug = name.replace(":", "_")
-    overrides: dict = {}
-    dc = {key: str(DC_RATIOS / slug / file) for key, file in (("dc_ratios_path", "ratios.json"),
-                                                              ("cpr_path", "cpr.json"))
-          if (DC_RATIOS / slug / file).is_file()}
-    if dc:
-        overrides["dc-solver"] = dc
-    if (EMS_DIR / slug / "ems.safetensors").is_file() or any((EMS_DIR / slug).glob("*/ems.safetensors")):
-        overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
-    return overrides
 
 
 def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:

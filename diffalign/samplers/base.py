@@ -59,6 +59,8 @@ SCHEDULE_DEFAULTS: dict[str, object] = {
     "time_shift_type": "exponential",
     "sigma_min": None,
     "sigma_max": None,
+    "timesteps_path": None,
+    "timesteps_missing": "error",
     "discrete_timesteps": False,
     "check_finite": True,
 }
@@ -66,8 +68,10 @@ SCHEDULE_DEFAULTS: dict[str, object] = {
 ``discrete_timesteps`` (round model timesteps to integers even when the sigma grid is off the integer grid, as
 diffusers does; the default evaluates the model at the exact continuous time of each sigma) and
 ``check_finite`` (raise when the model output is NaN/Inf). ``sigma_min`` / ``sigma_max`` bound the Karras grid
-(diffusers' UniPC names)."""
-_OWN_KEYS = ("discrete_timesteps", "check_finite", "sigma_min", "sigma_max")
+(diffusers' UniPC names). ``timesteps_path`` is a searched schedule file (:mod:`diffalign.samplers.timesteps`,
+``diffalign calibrate timesteps``): ``set_timesteps(n)`` then uses its grid for n steps, and when the file has none
+for n, raises (``timesteps_missing="error"``) or uses the default grid (``"default"``)."""
+_OWN_KEYS = ("discrete_timesteps", "check_finite", "sigma_min", "sigma_max", "timesteps_path", "timesteps_missing")
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 SPACINGS = ("linspace", "leading", "trailing", "time_quadratic")
@@ -272,6 +276,13 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             n_evals = int(num_inference_steps)
         self._check_num_steps(n_evals)
         self._custom_sigmas = None if sigmas is None else np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        self._searched = False
+        if custom is None and self.config.timesteps_path is not None:
+            from .timesteps import searched_sigmas
+
+            found = searched_sigmas(self, n_evals)
+            if found is not None:
+                self._custom_sigmas, self._searched, num_inference_steps = np.asarray(found), True, None
         try:
             self._build_grid(num_inference_steps, device, mu, timesteps)
         finally:
@@ -282,7 +293,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
     def _sigmas_grid(self, sigmas: np.ndarray, device, mu) -> None:
         """One grid point per custom sigma, then the final sigma; model times are the sigmas' (continuous) times."""
         c = self.config
-        if c.use_flow_sigmas:
+        if c.use_flow_sigmas and not getattr(self, "_searched", False):  # a searched grid is stored as used
             if sigmas[0] > 1.0:
                 raise ValueError(f"flow sigmas must lie in [0, 1], got {sigmas[0]:g}.")
             shift = math.exp(mu) if mu is not None and c.use_dynamic_shifting else c.flow_shift

@@ -210,6 +210,11 @@ class DCSolverScheduler(UniPCScheduler):
 
     def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None, sigmas=None) -> None:
         super().set_timesteps(num_inference_steps, device, mu, timesteps, sigmas)
+        c = self.config
+        if self._searched and c.dc_ratios is None and (c.dc_ratios_path or c.cpr_path):
+            raise ValueError("DC-Solver's calibrated ratios (dc_ratios_path / cpr_path) belong to the default grid, "
+                             "not to a searched one (timesteps_path); drop one of them, or calibrate ratios on the "
+                             "searched grid and pass them as dc_ratios.")
         self.dc_ratios_list = self.resolve_ratios(len(self.timesteps))
 
     def resolve_ratios(self, num_steps: int) -> list[float]:

@@ -9,14 +9,18 @@ import torch
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int,
-               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int | None = None,
+               generator: torch.Generator | None = None, sigmas=None) -> Iterator[torch.Tensor]:
     """Yield x after each scheduler step, starting from noise ``x_T`` (unit variance).
 
     ``model(x, t)`` returns the raw model output (the scheduler's ``prediction_type``). Works with diffalign's
-    and diffusers' schedulers alike: ``scale_model_input`` and ``init_noise_sigma`` are honoured.
+    and diffusers' schedulers alike: ``scale_model_input`` and ``init_noise_sigma`` are honoured. The grid is
+    ``num_inference_steps`` steps, or the custom ``sigmas``.
     """
-    scheduler.set_timesteps(num_inference_steps, device=x_T.device)
+    if sigmas is not None:
+        scheduler.set_timesteps(sigmas=sigmas, device=x_T.device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     x = x_T * scheduler.init_noise_sigma
     kwargs = {"generator": generator} if generator is not None else {}
     for t in scheduler.timesteps:
@@ -25,11 +29,11 @@ def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps
         yield x
 
 
-def sample(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int | None = None,
+           generator: torch.Generator | None = None, sigmas=None) -> torch.Tensor:
     """The final sample of :func:`trajectory`."""
     x = x_T
-    for x_next in trajectory(scheduler, model, x_T, num_inference_steps, generator):
+    for x_next in trajectory(scheduler, model, x_T, num_inference_steps, generator, sigmas):
         x = x_next
     return x
 

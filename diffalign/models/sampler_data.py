@@ -1,0 +1,64 @@
+"""Shipped per-model sampler data, looked up in one place: DPM-Solver-v3 statistics (``ems/<model>/``), DC-Solver
+ratios and their regression (``dc_ratios/<model>/``) and searched time steps (``schedules/<model>/``), each made by
+this project's own commands (``diffalign ems compute``, ``diffalign calibrate dc-solver`` / ``cpr``,
+``diffalign calibrate timesteps``). Sampling, the pipelines and the benchmark all ask :func:`sampler_overrides`.
+
+Model names are written with ``:`` as ``_`` (``builtin:fashion`` -> ``builtin_fashion``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DC_RATIOS = HERE / "dc_ratios"
+EMS_DIR = HERE / "ems"
+SCHEDULES = HERE / "schedules"
+
+
+def _slug(name: str) -> str:
+    return name.replace(":", "_")
+
+
+def schedule_file(model: str, sampler: str, guidance: float) -> Path:
+    """Where the searched time steps of (model, sampler, guidance) are shipped."""
+    return SCHEDULES / _slug(model) / f"{sampler.replace(':', '_')}_g{float(guidance):g}.json"
+
+
+def shipped_overrides(name: str) -> dict:
+    """Per-sampler config entries pointing at the calibration files shipped for model ``name`` (not guidance
+    dependent: DC-Solver ratios / CPR and the v3 statistics directory, which holds one set per guidance)."""
+    slug = _slug(name)
+    overrides: dict = {}
+    dc = {key: str(DC_RATIOS / slug / file) for key, file in (("dc_ratios_path", "ratios.json"),
+                                                              ("cpr_path", "cpr.json"))
+          if (DC_RATIOS / slug / file).is_file()}
+    if dc:
+        overrides["dc-solver"] = dc
+    if (EMS_DIR / slug / "ems.safetensors").is_file() or any((EMS_DIR / slug).glob("*/ems.safetensors")):
+        overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
+    return overrides
+
+
+def sampler_overrides(named_model, name: str, guidance: float, searched: bool = True) -> dict:
+    """Config entries for sampler ``name`` on this model at ``guidance``.
+
+    * the model's calibration data (``NamedModel.sampler_overrides``; a ``dualfast:<base>`` sampler uses its base's);
+    * ``guidance_scale`` for samplers whose calibration depends on it (a ``guidance_scale`` argument);
+    * with ``searched``, the shipped searched time steps for (model, sampler, guidance), used for the step counts
+      they were searched for (``timesteps_missing="default"``: other step counts keep the default grid). DC-Solver's
+      ratios were calibrated on the default grid, so DC-Solver keeps it.
+    """
+    from ..samplers import get_scheduler_class
+
+    table = getattr(named_model, "sampler_overrides", None) or {}
+    overrides = dict(table.get(name) or table.get(name.removeprefix("dualfast:")) or {})
+    if name.startswith("diffusers:"):
+        return overrides
+    if "guidance_scale" in inspect.signature(get_scheduler_class(name).__init__).parameters:
+        overrides["guidance_scale"] = float(guidance)
+    path = schedule_file(getattr(named_model, "name", ""), name, guidance)
+    if searched and path.is_file() and "dc_ratios_path" not in overrides and "cpr_path" not in overrides:
+        overrides.update(timesteps_path=str(path), timesteps_missing="default")
+    return overrides

@@ -1,0 +1,244 @@
+"""Searched time steps: where a sampler's few steps should go for one model, guidance and step count.
+
+The error of a few-step sampler depends as much on *where* the steps are as on how each is taken. A search
+minimises the final-sample error against reference solutions (the benchmark's 500-step DPM-Solver++(3M), or the
+closed form) from a few dozen noises kept apart from any benchmark's, over the grid points between the schedule's
+first sigma (fixed: the sampler starts where the model's noise starts) and its least-noisy training sigma; the grid
+ends at 0 as usual.
+
+Parametrisation: the n - 1 free points of an n-step grid lie in log-SNR lambda at
+    lambda_k = lambda_0 + (lambda_max - lambda_0) * (w_1 + ... + w_k),   w = softmax(u_1, ..., u_{n-1}, 0),
+so every u gives a strictly increasing lambda (decreasing sigma) grid, and u = 0 is the logSNR-uniform grid.
+Search (``method``):
+
+* ``"evolution"``: scipy's differential evolution over u in [-4, 4]^(n-1), a population seeded with the
+  logSNR-uniform and the default grids; the evolutionary search of AutoDiffusion (Li et al. 2023), here over the
+  step positions only;
+* ``"powell"``: scipy's Powell method from the better of those two grids, a local derivative-free search.
+
+A schedule file holds the search results of one (model, sampler, guidance), one entry per step count; a sampler
+reads it through its ``timesteps_path`` config value. The file records the model's noise schedule, and a sampler
+refuses a file made for another schedule or sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "diffalign-timesteps-1"
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr", "use_flow_sigmas", "flow_shift")
+"""The config values that define the noise schedule a searched grid belongs to."""
+METHODS = ("evolution", "powell")
+
+
+def registry_name(scheduler) -> str:
+    """The registry name of a diffalign scheduler (``"dpm-solver++"``, ``"dualfast:unipc"``, ...)."""
+    from . import SAMPLERS
+
+    for name, cls in SAMPLERS.items():
+        if type(scheduler) is cls:
+            return name
+    return type(scheduler).__name__
+
+
+def schedule_fingerprint(config) -> dict:
+    return {k: config.get(k) for k in SCHEDULE_KEYS}
+
+
+def load_schedule_file(path: str | Path) -> dict:
+    """A schedule file, checked for its format."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"timesteps_path {str(path)!r} does not exist; make one with `diffalign calibrate "
+                                "timesteps`.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"timesteps_path {str(path)!r} is not a schedule file (invalid JSON: {err}).") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"timesteps_path {str(path)!r} is not a diffalign schedule file (format {FORMAT!r}).")
+    return data
+
+
+def searched_sigmas(scheduler, steps: int) -> list[float] | None:
+    """The searched grid (sigmas, without the final one) of ``scheduler``'s ``timesteps_path`` for ``steps`` steps;
+    None when the file has no entry for ``steps`` and ``timesteps_missing="default"``."""
+    c = scheduler.config
+    path = c.timesteps_path
+    data = load_schedule_file(path)
+    name = registry_name(scheduler)
+    if data["sampler"] != name:
+        raise ValueError(f"timesteps_path {path!r} was searched for sampler {data['sampler']!r}, not {name!r}; "
+                         "search one for this sampler (`diffalign calibrate timesteps`).")
+    mine, theirs = schedule_fingerprint(c), data["schedule"]
+    differs = {k: (theirs.get(k), mine[k]) for k in SCHEDULE_KEYS if theirs.get(k) != mine[k]}
+    if differs:
+        detail = ", ".join(f"{k}: file {a!r}, scheduler {b!r}" for k, (a, b) in differs.items())
+        raise ValueError(f"timesteps_path {path!r} was searched for model {data.get('model')!r} with another noise "
+                         f"schedule ({detail}).")
+    for entry in data["entries"]:
+        if entry["steps"] == steps:
+            sigmas = [float(s) for s in entry["sigmas"]]
+            if len(sigmas) != steps or any(b >= a for a, b in zip(sigmas, sigmas[1:], strict=False)):
+                raise ValueError(f"timesteps_path {path!r}: the {steps}-step entry must hold {steps} strictly "
+                                 "decreasing sigmas.")
+            return sigmas
+    if c.timesteps_missing == "default":
+        return None
+    have = sorted(e["steps"] for e in data["entries"])
+    raise ValueError(f"timesteps_path {path!r} has searched grids for {have} steps, not {steps}; use one of those, "
+                     f"search {steps} (`diffalign calibrate timesteps --nfe ...`), or set timesteps_missing='default'.")
+
+
+def write_entry(path: str | Path, model: str, sampler: str, guidance: float, schedule: dict, entry: dict) -> Path:
+    """Add (or replace) the entry for ``entry["steps"]`` in the schedule file at ``path`` (written atomically)."""
+    path = Path(path)
+    data = {"format": FORMAT, "model": model, "sampler": sampler, "guidance": guidance, "schedule": schedule,
+            "entries": []}
+    if path.exists():
+        old = load_schedule_file(path)
+        if (old["model"], old["sampler"], float(old["guidance"]), old["schedule"]) != (model, sampler, guidance,
+                                                                                       schedule):
+            raise ValueError(f"{path} holds schedules of {old['model']} / {old['sampler']} at guidance "
+                             f"{old['guidance']}; write to another file.")
+        data["entries"] = [e for e in old["entries"] if e["steps"] != entry["steps"]]
+    data["entries"] = sorted([*data["entries"], entry], key=lambda e: e["steps"])
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- search
+def lambdas_of(u: np.ndarray, lambda_0: float, lambda_max: float) -> np.ndarray:
+    """The n grid lambdas of parameters u (n - 1 values; see the module docstring), lambda_0 first."""
+    w = np.exp(np.append(u, 0.0) - np.max(np.append(u, 0.0)))
+    w = w / w.sum()
+    return lambda_0 + (lambda_max - lambda_0) * np.concatenate([[0.0], np.cumsum(w)[:-1]])
+
+
+def params_of(lambdas: np.ndarray, lambda_0: float, lambda_max: float) -> np.ndarray:
+    """The parameters u of a grid of lambdas (inverse of :func:`lambdas_of`; the last gap fills up to lambda_max)."""
+    gaps = np.diff(np.append(lambdas, lambda_max)) / (lambda_max - lambda_0)
+    gaps = np.clip(gaps, 1e-6, None)
+    return np.log(gaps[:-1] / gaps[-1])
+
+
+def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
+                    minutes: float = 10.0, method: str = "evolution", device: str = "cpu", progress: bool = True,
+                    state_path: str | Path | None = None) -> dict:
+    """Search the grid of ``sampler`` with ``nfe`` model evaluations on ``named_model`` at ``guidance``.
+
+    Returns the schedule-file entry: ``steps``, ``nfe``, ``sigmas``, the final-sample MSE of the searched, default
+    and logSNR-uniform grids on the search's noises, the method and the time taken. ``state_path`` keeps the best
+    grid so far (written as the search goes); a search started again with the same arguments resumes from it.
+    """
+    from scipy.optimize import differential_evolution, minimize
+    from tqdm.auto import tqdm
+
+    from ..eval.sampler_bench import reference_solution, steps_for_nfe
+    from ..models.sampler_data import sampler_overrides
+    from . import make_scheduler, sample
+
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}.")
+    if num_noises < 1 or minutes <= 0:
+        raise ValueError("num_noises must be >= 1 and minutes > 0.")
+    config = {**named_model.scheduler_config, **sampler_overrides(named_model, sampler, guidance, searched=False)}
+    if config.get("use_flow_sigmas"):
+        raise ValueError("the time-step search supports VP (beta) schedules; this model uses flow-matching sigmas.")
+    probe = make_scheduler(sampler, config)
+    if probe.config.get("solver_mode") == "singlestep":
+        raise ValueError(f"{sampler} runs singlestep here, whose intermediate points it places itself; search a "
+                         "multistep configuration (solver_mode='multistep').")
+    steps = steps_for_nfe(probe, nfe)
+    if steps < 2:
+        raise ValueError(f"{sampler} makes {steps} step(s) with {nfe} model evaluations: nothing to place.")
+    probe.set_timesteps(steps)
+    default_sigmas = probe.sigmas.double().numpy()[:-1]
+    lam = lambda s: -math.log(s)  # noqa: E731  (VE sigma -> lambda = log(alpha / sigma))
+    ac0 = float(probe.alphas_cumprod[0])
+    lambda_0, lambda_max = lam(float(default_sigmas[0])), lam(math.sqrt((1 - ac0) / ac0))
+
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((num_noises, *named_model.sample_shape), generator=gen, dtype=torch.float64)
+    labels = (torch.arange(num_noises) % len(named_model.class_names)) if guidance != 1.0 else None
+    x_ref, _ = reference_solution(named_model, x_T.to(device), labels, guidance, device)
+
+    def model(x_t, t):
+        return named_model.predict(x_t, t, labels, guidance)
+
+    def error(sigmas: np.ndarray) -> float:
+        with torch.no_grad():
+            x = sample(make_scheduler(sampler, config), model, x_T.to(device=device, dtype=named_model.dtype),
+                       sigmas=sigmas)
+        value = float(torch.mean((x.double() - x_ref.double()) ** 2))
+        return value if math.isfinite(value) else 1e6
+
+    best = {"loss": math.inf, "u": None}
+    deadline = time.perf_counter() + 60.0 * minutes
+    bar = tqdm(total=int(60 * minutes), desc=f"search {sampler} NFE {nfe}", unit="s", disable=not progress)
+    t_start, last_save = time.perf_counter(), 0.0
+    key = {"model": named_model.name, "sampler": sampler, "nfe": nfe, "guidance": guidance, "seed": seed,
+           "num_noises": num_noises}
+
+    def loss(u: np.ndarray) -> float:
+        nonlocal last_save
+        value = error(np.exp(-lambdas_of(np.asarray(u, dtype=np.float64), lambda_0, lambda_max)))
+        if value < best["loss"]:
+            best.update(loss=value, u=np.array(u, dtype=np.float64))
+            bar.set_postfix(mse=f"{value:.3e}", refresh=False)
+        now = time.perf_counter()
+        bar.update(max(0, min(int(now - t_start), bar.total) - bar.n))
+        if state_path is not None and now - last_save > 5.0:
+            Path(state_path).write_text(json.dumps({**key, "u": best["u"].tolist(), "loss": best["loss"]}))
+            last_save = now
+        return value
+
+    u_default = params_of(-np.log(default_sigmas), lambda_0, lambda_max)
+    u_uniform = np.zeros(steps - 1)
+    default_loss, uniform_loss = loss(u_default), loss(u_uniform)
+    starts = [u_default, u_uniform]
+    if state_path is not None and Path(state_path).is_file():
+        saved = json.loads(Path(state_path).read_text())
+        if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:
+            loss(np.asarray(saved["u"]))
+            starts.insert(0, np.asarray(saved["u"]))
+
+    def out_of_time(*_args, **_kwargs) -> bool:
+        return time.perf_counter() > deadline
+
+    bound = 4.0
+    if method == "evolution":
+        population = 8 * max(steps - 1, 2)
+        rng = np.random.default_rng(seed)
+        init = rng.uniform(-1.0, 1.0, size=(population, steps - 1))
+        for k, u in enumerate(starts):
+            init[k] = np.clip(u, -bound, bound)
+        differential_evolution(loss, [(-bound, bound)] * (steps - 1), init=init, maxiter=100000, tol=0.0,
+                               polish=False, seed=seed, callback=out_of_time)
+    else:
+        x0 = best["u"]
+
+        def stop(*_args):
+            if out_of_time():
+                raise StopIteration
+
+        try:
+            minimize(loss, x0, method="Powell", bounds=[(-bound, bound)] * (steps - 1), callback=stop,
+                     options={"xtol": 1e-4, "ftol": 1e-9, "maxfev": 10**6})
+        except StopIteration:
+            pass
+    bar.update(bar.total - bar.n)
+    bar.close()
+    sigmas = np.exp(-lambdas_of(best["u"], lambda_0, lambda_max))
+    return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
+            "mse_logsnr_uniform": uniform_loss, "method": method, "seed": seed, "num_noises": num_noises,
+            "seconds": round(time.perf_counter() - t_start, 1)}

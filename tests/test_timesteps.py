@@ -1,0 +1,114 @@
+"""Searched time steps: the schedule file, every sampler reading it, its refusals, and the search itself."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.models import digits_reference_model
+from diffalign.models.registry import load_model
+from diffalign.samplers import SAMPLERS, get_scheduler_class, make_scheduler, sample
+from diffalign.samplers.timesteps import (
+    lambdas_of,
+    params_of,
+    schedule_fingerprint,
+    search_schedule,
+    write_entry,
+)
+
+SIGMAS = [157.4, 20.0, 4.0, 1.0, 0.2]
+
+
+def schedule(path, sampler="dpm-solver++", sigmas=SIGMAS, config=None):
+    fingerprint = schedule_fingerprint(make_scheduler(sampler, config or {}).config)
+    entry = {"steps": len(sigmas), "nfe": len(sigmas), "sigmas": list(sigmas), "mse": 0.0}
+    return write_entry(path, "reference:digits", sampler, 1.0, fingerprint, entry)
+
+
+MULTISTEP = {name: ({"solver_mode": "multistep"} if name.endswith("dpm-solver") else {}) for name in SAMPLERS}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_runs_on_a_searched_grid_and_keeps_it_through_save_and_load(name, tmp_path):
+    path = schedule(tmp_path / "s.json", name, config=MULTISTEP[name])
+    sched = make_scheduler(name, MULTISTEP[name], timesteps_path=str(path))
+    sched.set_timesteps(5)
+    grid_points = sorted({round(float(s), 3) for s in sched.sigmas[:-1]}, reverse=True)
+    assert grid_points[0] == pytest.approx(157.4, rel=1e-6) and 0.2 in [round(s, 3) for s in grid_points]
+    sched.save_config(tmp_path)
+    again = get_scheduler_class(name).from_pretrained(tmp_path)
+    assert again.config.timesteps_path == str(path)
+    model = digits_reference_model({})
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(sample(again, model, x_T, 5), sample(sched, model, x_T, 5))
+
+
+def test_the_searched_sigmas_are_the_grid(tmp_path):
+    sched = make_scheduler("unipc", timesteps_path=str(schedule(tmp_path / "s.json", "unipc")))
+    sched.set_timesteps(5)
+    np.testing.assert_allclose(sched.sigmas.numpy(), SIGMAS + [0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda p: make_scheduler("unipc", timesteps_path=str(schedule(p, "dpm-solver++"))), "searched for sampler"),
+    (lambda p: make_scheduler("dpm-solver++", {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                "beta_end": 0.012}, timesteps_path=str(schedule(p))),
+     "another noise schedule"),
+    (lambda p: make_scheduler("dpm-solver++", timesteps_path=str(schedule(p, sigmas=[157.4, 4.0, 20.0, 1.0, 0.2]))),
+     "strictly decreasing"),
+])
+def test_a_schedule_for_another_sampler_or_model_or_not_decreasing_is_refused(tmp_path, make, match):
+    sched = make(tmp_path / "s.json")
+    with pytest.raises(ValueError, match=match):
+        sched.set_timesteps(5)
+
+
+def test_a_step_count_without_a_searched_grid_is_refused_or_falls_back_when_asked(tmp_path):
+    path = str(schedule(tmp_path / "s.json"))
+    with pytest.raises(ValueError, match=r"has searched grids for \[5\] steps, not 8"):
+        make_scheduler("dpm-solver++", timesteps_path=path).set_timesteps(8)
+    lenient = make_scheduler("dpm-solver++", timesteps_path=path, timesteps_missing="default")
+    lenient.set_timesteps(8)
+    plain = make_scheduler("dpm-solver++")
+    plain.set_timesteps(8)
+    assert torch.equal(lenient.sigmas, plain.sigmas)
+
+
+def test_dc_solver_ratios_of_the_default_grid_are_not_applied_to_a_searched_one(tmp_path):
+    named = load_model("reference:digits")
+    overrides = named.sampler_overrides["dc-solver"]
+    sched = make_scheduler("dc-solver", {**overrides, "timesteps_path": str(schedule(tmp_path / "s.json",
+                                                                                        "dc-solver"))})
+    with pytest.raises(ValueError, match="belong to the default grid"):
+        sched.set_timesteps(5)
+
+
+def test_the_parametrisation_is_a_strictly_decreasing_grid_and_inverts():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        u = rng.uniform(-4, 4, size=5)
+        lam = lambdas_of(u, -5.0, 3.0)
+        assert lam[0] == -5.0 and np.all(np.diff(lam) > 0) and lam[-1] < 3.0
+        np.testing.assert_allclose(lambdas_of(params_of(lam, -5.0, 3.0), -5.0, 3.0), lam, atol=1e-9)
+    np.testing.assert_allclose(np.diff(lambdas_of(np.zeros(4), -5.0, 3.0)), 8.0 / 5)  # u = 0: uniform in logSNR
+
+
+@pytest.mark.parametrize("method", ["evolution", "powell"])
+def test_a_short_search_beats_the_default_and_logsnr_grids_on_the_closed_form_model(method, tmp_path):
+    named = load_model("reference:digits")
+    entry = search_schedule(named, "dpm-solver++", 5, num_noises=8, minutes=0.1, method=method, progress=False,
+                            state_path=tmp_path / "state.json")
+    assert entry["mse"] < 0.8 * min(entry["mse_default"], entry["mse_logsnr_uniform"])
+    assert json.loads((tmp_path / "state.json").read_text())["loss"] <= entry["mse_default"]
+    sched = make_scheduler("dpm-solver++", named.scheduler_config)
+    sched.set_timesteps(sigmas=entry["sigmas"])
+    assert len(sched.timesteps) == 5
+
+
+def test_search_refuses_what_it_cannot_search():
+    named = load_model("reference:digits")
+    with pytest.raises(ValueError, match="singlestep"):
+        search_schedule(named, "dpm-solver", 6, minutes=0.01, progress=False)
+    with pytest.raises(ValueError, match="unknown search method"):
+        search_schedule(named, "dpm-solver++", 5, method="grid", progress=False)
