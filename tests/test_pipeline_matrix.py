@@ -10,28 +10,24 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMPipeline,
     DDPMPipeline,
     DDPMScheduler,
     DiffusionPipeline,
-    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
     UNet2DModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from diffalign.models.tiny_sd import tiny_clip_tokenizer, tiny_stable_diffusion_pipeline
+from diffalign.models.tiny_sd import (
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_stable_diffusion_pipeline,
+)
 from diffalign.samplers import SAMPLERS, make_scheduler
 
 NAMES = sorted(SAMPLERS)
@@ -44,22 +40,6 @@ def _seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Mod
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build().eval()
-
-
-def _clip_config(tokenizer, **kwargs) -> CLIPTextConfig:
-    """diffusers' dummy CLIP text encoder over the hand-made tokenizer's vocabulary."""
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                          layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **kwargs)
-
-
-def _flow_vae(latent_channels: int) -> AutoencoderKL:
-    """diffusers' dummy SD3 / Flux VAE (one block: latents have the image's size)."""
-    return _seeded(lambda: AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035))
 
 
 def _tiny_unet2d() -> UNet2DModel:
@@ -98,67 +78,19 @@ def _sd_inpaint() -> DiffusionPipeline:
 
 
 def _sdxl() -> DiffusionPipeline:
-    """diffusers' dummy SDXL components; both text encoders share the hand-made CLIP tokenizer."""
-    tokenizer = tiny_clip_tokenizer()
-    config = _clip_config(tokenizer, hidden_act="gelu", projection_dim=32)
-    unet = _seeded(lambda: UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the pooled text embedding
-        cross_attention_dim=64, norm_num_groups=1))
-    vae = _seeded(lambda: AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=_seeded(lambda: CLIPTextModel(config)), tokenizer=tokenizer,
-        text_encoder_2=_seeded(lambda: CLIPTextModelWithProjection(config), seed=1), tokenizer_2=tokenizer,
-        unet=unet, scheduler=scheduler)
+    return tiny_sdxl_pipeline()
 
 
 def _sd3() -> DiffusionPipeline:
-    """diffusers' dummy SD3 components without the (optional) T5 encoder; SD3's real scheduler config (shift 3)."""
-    tokenizer = tiny_clip_tokenizer()
-    config = _clip_config(tokenizer, hidden_act="gelu", projection_dim=32)
-    transformer = _seeded(lambda: SD3Transformer2DModel(
-        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4))
-    return StableDiffusion3Pipeline(
-        transformer=transformer, vae=_flow_vae(latent_channels=4), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=_seeded(lambda: CLIPTextModelWithProjection(config)), tokenizer=tokenizer,
-        text_encoder_2=_seeded(lambda: CLIPTextModelWithProjection(config), seed=1), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-
-
-@functools.cache
-def _flux_components() -> dict:
-    """diffusers' dummy Flux components; the tiny T5 reads the hand-made CLIP tokenizer's ids (the pipeline only
-    needs ids in its vocabulary)."""
-    tokenizer = tiny_clip_tokenizer()
-    t5 = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    transformer = _seeded(lambda: FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]))
-    return dict(
-        transformer=transformer, vae=_flow_vae(latent_channels=1),
-        text_encoder=_seeded(lambda: CLIPTextModel(_clip_config(tokenizer, hidden_act="gelu", projection_dim=32))),
-        tokenizer=tokenizer, text_encoder_2=_seeded(lambda: T5EncoderModel(t5)), tokenizer_2=tokenizer)
+    return tiny_sd3_pipeline()
 
 
 def _flux() -> DiffusionPipeline:
-    """Flux with its real scheduler config: resolution-dependent (dynamic) shifting through ``mu``."""
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-    return FluxPipeline(**_flux_components(), scheduler=scheduler)
+    return tiny_flux_pipeline(dynamic_shifting=True)
 
 
 def _flux_static_shift() -> DiffusionPipeline:
-    """Flux with diffusers' dummy scheduler config: no dynamic shifting, yet the pipeline always passes ``mu``."""
-    return FluxPipeline(**_flux_components(), scheduler=FlowMatchEulerDiscreteScheduler())
+    return tiny_flux_pipeline(dynamic_shifting=False)
 
 
 def _photo() -> Image.Image:

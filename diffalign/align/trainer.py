@@ -355,16 +355,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(metrics_path: str | Path, png: str | Path) -> None:
     """Reward (or loss), loss and implicit accuracy against optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
     rows = read_metrics(metrics_path)
     keys = [k for k in ("reward_mean", "loss", "implicit_acc") if any(r.get(k) is not None for r in rows)]
     if not rows or not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig = Figure(figsize=(4 * len(keys), 3))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
@@ -372,4 +370,3 @@ def plot_curves(metrics_path: str | Path, png: str | Path) -> None:
         ax.set_title(key)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
-    plt.close(fig)

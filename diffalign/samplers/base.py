@@ -156,10 +156,12 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
     # ------------------------------------------------------------------ configs
     @classmethod
     def _get_compatibles(cls) -> list[type]:
-        """diffusers' Karras-family schedulers and every diffalign scheduler (``scheduler.compatibles``)."""
+        """diffusers' Karras-family and flow-matching Euler schedulers and every diffalign scheduler
+        (``scheduler.compatibles``; a switched config keeps their keys without a warning)."""
         from . import SAMPLERS
 
-        return list(dict.fromkeys([*super()._get_compatibles(), *SAMPLERS.values()]))
+        return list(dict.fromkeys([*super()._get_compatibles(), diffusers.FlowMatchEulerDiscreteScheduler,
+                                   *SAMPLERS.values()]))
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
