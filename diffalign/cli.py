@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--num-images", type=int, default=16)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--grids", default="default",
-                    help="comma-separated: default (the model's grid), logsnr (uniform in logSNR), searched "
-                         "(searched time steps, from --schedules or the shipped ones)")
+                    help="comma-separated: default (the model's grid), logsnr (uniform in logSNR), ays (Align Your "
+                         "Steps' Stable Diffusion timesteps), searched (searched time steps, from --schedules or the "
+                         "shipped ones)")
     bs.add_argument("--schedules", default=None, help="directory of schedule files <sampler>_g<guidance>.json")
     bs.add_argument("--json", default=None)
     bs.set_defaults(func=_bench)

@@ -112,3 +112,32 @@ def test_search_refuses_what_it_cannot_search():
         search_schedule(named, "dpm-solver", 6, minutes=0.01, progress=False)
     with pytest.raises(ValueError, match="unknown search method"):
         search_schedule(named, "dpm-solver++", 5, method="grid", progress=False)
+
+
+def test_ays_timesteps_are_diffusers_at_ten_steps_and_interpolated_otherwise():
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    from diffalign.samplers.timesteps import ays_timesteps
+
+    assert ays_timesteps(10) == AysSchedules["StableDiffusionTimesteps"]
+    five = ays_timesteps(5)
+    assert five[0] == 999 and five[-1] == 24 and all(a > b for a, b in zip(five, five[1:], strict=False))
+    with pytest.raises(ValueError, match="unknown AYS schedule"):
+        ays_timesteps(5, "StableDiffusionSigmas")
+
+
+def test_one_benchmark_run_compares_the_default_logsnr_ays_and_searched_grids(tmp_path):
+    from diffalign.eval.sampler_bench import bench_samplers
+
+    named = load_model("reference:digits")
+    entry = {"steps": 5, "nfe": 5, "sigmas": SIGMAS, "mse": 0.0}
+    write_entry(tmp_path / "dpm-solver++_g1.json", "reference:digits", "dpm-solver++", 1.0,
+                schedule_fingerprint(make_scheduler("dpm-solver++", named.scheduler_config).config), entry)
+    records = bench_samplers(named, ["dpm-solver++"], [5, 6], num_images=2, progress=False,
+                             grids=("default", "logsnr", "ays", "searched"), schedules=tmp_path)
+    rows = {(r.sampler, r.nfe) for r in records}
+    for label in ("dpm-solver++", "dpm-solver++@logsnr", "dpm-solver++@ays"):
+        assert {(label, 5), (label, 6)} <= rows
+    assert ("dpm-solver++@searched", 5) in rows and ("dpm-solver++@searched", 6) not in rows  # only where searched
+    by = {(r.sampler, r.nfe): r.mse for r in records}
+    assert by[("dpm-solver++@searched", 5)] != by[("dpm-solver++", 5)]

@@ -82,8 +82,9 @@ class _TimedStep:
         return out
 
 
-GRIDS = ("default", "logsnr", "searched")
-"""Grids a benchmark can run each sampler on: the model's default grid, uniform in logSNR, or searched."""
+GRIDS = ("default", "logsnr", "ays", "searched")
+"""Grids a benchmark can run each sampler on: the model's default grid, uniform in logSNR, Align Your Steps' fixed
+Stable Diffusion timesteps (a baseline), or searched time steps."""
 
 
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
@@ -93,11 +94,13 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     """Run each sampler at each NFE from the same noise; diffusers' DPM-Solver++ and UniPC are always included.
 
     ``variants`` adds rows ``label -> (sampler name, extra config)``, e.g. a sampler with non-default options.
-    ``grids`` adds, per diffalign sampler, rows ``<name>@logsnr`` (``use_lu_lambdas``) and ``<name>@searched``
+    ``grids`` adds, per diffalign sampler, rows ``<name>@logsnr`` (``use_lu_lambdas``), ``<name>@ays`` (AYS' Stable
+    Diffusion timesteps, :func:`~diffalign.samplers.timesteps.ays_timesteps`) and ``<name>@searched``
     (searched time steps: the files in the ``schedules`` directory, ``<sampler>_g<guidance>.json``, else the shipped
     ones; NFEs without a searched grid are left out). Plain rows use the default grid.
     """
     from ..models.sampler_data import schedule_file
+    from ..samplers.timesteps import ays_timesteps
 
     variants = dict(variants or {})
     unknown = set(grids) - set(GRIDS)
@@ -108,6 +111,8 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
             continue
         if "logsnr" in grids:
             variants[f"{name}@logsnr"] = (name, {"use_lu_lambdas": True})
+        if "ays" in grids:
+            variants[f"{name}@ays"] = (name, {})
         if "searched" in grids:
             file = (Path(schedules) / schedule_file("", name, guidance).name if schedules is not None
                     else schedule_file(named_model.name, name, guidance))
@@ -134,12 +139,22 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                 continue
         else:
             steps = steps_for_nfe(sched, nfe)
+        custom = {}
+        if label.endswith("@ays"):
+            custom = {"timesteps": ays_timesteps(steps)}
+            try:
+                sched.set_timesteps(**custom)
+            except ValueError:
+                continue  # singlestep samplers place their own points
+            if len(sched.timesteps) != nfe:
+                continue  # a warm-up (PNDM) makes more evaluations than grid points
         timer = _TimedStep(sched)
         sched.step = timer
         x = x_T.to(device=device, dtype=dtype)
         t0 = time.perf_counter()
         with torch.no_grad():
-            x = sample(sched, lambda x_t, t: named_model.predict(x_t, t, labels, guidance), x, steps)
+            x = sample(sched, lambda x_t, t: named_model.predict(x_t, t, labels, guidance), x,
+                       None if custom else steps, **custom)
         seconds = time.perf_counter() - t0
         if abs(float(sched.sigmas[0]) - sigma_start) > 1e-3 * sigma_start:
             raise ValueError(f"{name} starts at sigma {float(sched.sigmas[0]):.4g}, not {sigma_start:.4g}.")

@@ -10,15 +10,17 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int | None = None,
-               generator: torch.Generator | None = None, sigmas=None) -> Iterator[torch.Tensor]:
+               generator: torch.Generator | None = None, sigmas=None, timesteps=None) -> Iterator[torch.Tensor]:
     """Yield x after each scheduler step, starting from noise ``x_T`` (unit variance).
 
     ``model(x, t)`` returns the raw model output (the scheduler's ``prediction_type``). Works with diffalign's
     and diffusers' schedulers alike: ``scale_model_input`` and ``init_noise_sigma`` are honoured. The grid is
-    ``num_inference_steps`` steps, or the custom ``sigmas``.
+    ``num_inference_steps`` steps, or the custom ``sigmas`` or ``timesteps``.
     """
     if sigmas is not None:
         scheduler.set_timesteps(sigmas=sigmas, device=x_T.device)
+    elif timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps, device=x_T.device)
     else:
         scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     x = x_T * scheduler.init_noise_sigma
@@ -30,10 +32,10 @@ def trajectory(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps
 
 
 def sample(scheduler, model: ModelFn, x_T: torch.Tensor, num_inference_steps: int | None = None,
-           generator: torch.Generator | None = None, sigmas=None) -> torch.Tensor:
+           generator: torch.Generator | None = None, sigmas=None, timesteps=None) -> torch.Tensor:
     """The final sample of :func:`trajectory`."""
     x = x_T
-    for x_next in trajectory(scheduler, model, x_T, num_inference_steps, generator, sigmas):
+    for x_next in trajectory(scheduler, model, x_T, num_inference_steps, generator, sigmas, timesteps):
         x = x_next
     return x
 

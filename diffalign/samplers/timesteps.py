@@ -116,6 +116,22 @@ def write_entry(path: str | Path, model: str, sampler: str, guidance: float, sch
     return path
 
 
+def ays_timesteps(num_steps: int, schedule: str = "StableDiffusionTimesteps") -> list[int]:
+    """Align Your Steps' fixed 10-step timesteps (Sabour et al. 2024, as diffusers ships them in ``AysSchedules``),
+    for ``num_steps`` steps by linear interpolation over the normalised step index (the paper's recipe for other
+    step counts, applied to timesteps). A baseline: they were optimised for Stable Diffusion, not for your model."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    if schedule not in AysSchedules or not schedule.endswith("Timesteps"):
+        raise ValueError(f"unknown AYS schedule {schedule!r}; choose one of "
+                         f"{[k for k in AysSchedules if k.endswith('Timesteps')]}.")
+    base = np.asarray(AysSchedules[schedule], dtype=np.float64)
+    t = np.interp(np.linspace(0, 1, num_steps), np.linspace(0, 1, len(base)), base).round().astype(int)
+    if len(np.unique(t)) != num_steps:
+        raise ValueError(f"AYS timesteps for {num_steps} steps repeat; use at most 900 steps.")
+    return t.tolist()
+
+
 # ---------------------------------------------------------------------------------------------------- search
 def lambdas_of(u: np.ndarray, lambda_0: float, lambda_max: float) -> np.ndarray:
     """The n grid lambdas of parameters u (n - 1 values; see the module docstring), lambda_0 first."""
