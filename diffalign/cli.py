@@ -23,7 +23,8 @@ def _sample(args) -> None:
         named = load_model(args.model, device=args.device)
         label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
         images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
-                               device=args.device, progress=not args.quiet, batch_size=args.batch_size)
+                               device=args.device, progress=not args.quiet, batch_size=args.batch_size,
+                               searched=not args.default_grid)
     else:  # a local diffusers directory or a hub id
         from . import load_pipeline
 
@@ -194,7 +195,8 @@ def _eval_fid(args) -> None:
     else:
         named = load_model(args.model, device=args.device)
         result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,
-                              args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                              args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                              searched=not args.default_grid)
         result["model"] = args.model
     result.update(features=features_name, reference=str(stats))
     print(f"FID {result['fid']:.4f} ({features_name} features, reference {stats})")
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None, help="images per batch (memory); default: all at once")
+    s.add_argument("--default-grid", action="store_true",
+                   help="use the model's default time steps even where searched ones are shipped")
     s.add_argument("--out", default="grid.png", help="the grid of all images (PNG, JPEG or WebP)")
     s.add_argument("--out-dir", default=None, help="also write one PNG per image here (names carry prompt and seed)")
     s.add_argument("--json", default=None, help="write per-image metadata (seed, model, file) here")
@@ -399,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--features", default=None, help="classifier:builtin:<model> (default for built-ins) or inception")
     ef.add_argument("--stats", default=None, help="reference statistics (default: the built-in model's)")
     ef.add_argument("--batch-size", type=int, default=250, help="images sampled per batch (memory)")
+    ef.add_argument("--default-grid", action="store_true",
+                    help="use the model's default time steps even where searched ones are shipped")
     ef.add_argument("--json", default=None)
     ef.set_defaults(func=_eval_fid)
     er = evsub.add_parser("reward", help="mean reward of a model on a fixed (prompt, seed) set")

@@ -12,8 +12,11 @@ from .samplers import make_scheduler, trajectory
 
 def sample_images(named_model, sampler: str, steps: int, num_images: int, label: int | None = None,
                   guidance: float = 1.0, seed: int = 0, device: str = "cpu", progress: bool = True,
-                  batch_size: int | None = None) -> torch.Tensor:
+                  batch_size: int | None = None, searched: bool = True) -> torch.Tensor:
     """Images in [0, 1], shape [N, C, H, W]; class-conditional (and guided) when ``label`` is given.
+
+    The model's shipped data for the sampler apply (:func:`~diffalign.models.sampler_data.sampler_overrides`),
+    searched time steps included unless ``searched=False``.
 
     Image i starts from the noise of seed ``seed + i`` (see :func:`image_seeds`), so with a deterministic sampler
     it does not depend on ``batch_size`` (default: all images in one batch) or on the other images.
@@ -27,7 +30,7 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     batch_size = batch_size or num_images
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    overrides = sampler_overrides(named_model, sampler, guidance)
+    overrides = sampler_overrides(named_model, sampler, guidance, searched=searched)
     noise = initial_noise(named_model.sample_shape, image_seeds(seed, num_images), named_model.dtype)
     batches = range(0, num_images, batch_size)
     bar = tqdm(desc=sampler, total=steps * len(batches), unit="step", disable=not progress)

@@ -196,7 +196,7 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
 
 def fid_of_model(named_model, sampler: str, steps: int, num_images: int, features: Features, stats_path: str | Path,
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 250, device: str = "cpu",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, searched: bool = True) -> dict:
     """FID of ``num_images`` class-balanced samples of a model against stored reference statistics."""
     import time
 
@@ -215,7 +215,7 @@ def fid_of_model(named_model, sampler: str, steps: int, num_images: int, feature
         for start in range(0, n_k, batch_size):
             n = min(batch_size, n_k - start)
             fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + 1000 * k + start,
-                                  device=device, progress=False))
+                                  device=device, progress=False, searched=searched))
             bar.update(n)
     bar.close()
     return {"fid": fid.compute(), "num_images": num_images, "sampler": sampler, "steps": steps,
