@@ -51,6 +51,7 @@ from diffalign.sampling import sample_images
 MODEL = digits_reference_model(prediction_type="epsilon")
 X_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 LU = {"use_lu_lambdas": True, "lower_order_final": False}
+REFERENCE_EMS = str(Path(diffalign.models.__file__).parent / "ems" / "reference_digits")  # shipped, N = 400
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -247,8 +248,8 @@ def test_estimated_digits_ems_samples_accurately(digits_ems):
     out, _ = digits_ems
     sig0 = float(make_scheduler("dpm-solver++").sigmas.max())
     errors = {}
-    for steps in (10, 30):
-        sched = DPMSolverV3Scheduler(ems_path=str(out), use_lu_lambdas=True)
+    for steps in (10, 30):  # an explicit order keeps the EMS above EMS_MAX_STEPS
+        sched = DPMSolverV3Scheduler(ems_path=str(out), solver_order=2, use_lu_lambdas=True)
         x = sample(sched, MODEL, X_T, steps)
         errors[steps] = torch.mean((x - exact(float(sched.sigmas[0]), 0.0)) ** 2).item()
     assert sig0 > 0 and errors[30] < errors[10] / 4, errors
@@ -334,6 +335,71 @@ def test_default_is_order_2_above_five_steps_and_with_guidance(digits_ems):
         assert sched._plan.order == order
 
 
+# ------------------------------------------------------------------------------------------------ many steps
+# NFE 5-20 in the EMS range (the authors' grid of step counts), then DPM-Solver++(2M) up to 320
+MANY_NFES = (5, 6, 8, 10, 12, 15, 20, 21, 25, 40, 80, 160, 320)
+
+
+def test_default_is_never_worse_than_dpm_solver_pp_from_5_to_320_steps():
+    """Shipped EMS of the closed-form model, diffusers' default grid, float64, MSE at sigma = 0 (the benchmark's
+    measure). With the EMS at every step count v3 was 1.8x / 13x / 17x worse at NFE 40 / 80 / 320 (the statistics'
+    noise, and the final jump to sigma = 0 dominating) and could not run 320 steps (they snap to 271 EMS points)."""
+    x_T = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grid = DPMSolverPlusPlusScheduler()
+    grid.set_timesteps(5)  # every grid starts at t = 999
+    x_exact = solve_reference(MODEL, x_T, float(grid.sigmas[0]), 0.0)
+    mse = lambda x: torch.mean((x - x_exact) ** 2).item()  # noqa: E731
+    for steps in MANY_NFES:
+        v3 = DPMSolverV3Scheduler(ems_path=REFERENCE_EMS)
+        got, base = mse(sample(v3, MODEL, x_T, steps)), mse(sample(DPMSolverPlusPlusScheduler(), MODEL, x_T, steps))
+        assert got <= 1.05 * base, (steps, got, base)
+        assert len(v3.timesteps) == steps
+
+
+def test_default_converges_at_order_2_from_80_to_320_steps():
+    """Local slopes of the RMS error at sigma_min on a logSNR grid (as the convergence tests); with the EMS at
+    every step count they were 0.97 and 0.71."""
+    errors = [rms_error_at_sigma_min(DPMSolverV3Scheduler(ems_path=REFERENCE_EMS, use_lu_lambdas=True), n)
+              for n in (80, 160, 320)]
+    (n0, e0), (n1, e1), (n2, e2) = errors
+    slopes = [math.log(e0 / e1) / math.log(n1 / n0), math.log(e1 / e2) / math.log(n2 / n1)]
+    assert min(slopes) >= 1.9, slopes
+
+
+def test_many_step_default_is_dpm_solver_pp_2m_and_an_explicit_order_keeps_the_ems():
+    for config in ({}, {"use_lu_lambdas": True}, {"use_karras_sigmas": True}):
+        v3 = sample(DPMSolverV3Scheduler(ems_path=REFERENCE_EMS, **config), MODEL, X_T, 24)
+        pp = sample(DPMSolverPlusPlusScheduler(**config), MODEL, X_T, 24)
+        torch.testing.assert_close(v3, pp, rtol=0, atol=1e-12)
+    explicit = DPMSolverV3Scheduler(ems_path=REFERENCE_EMS, solver_order=2)
+    assert (sample(explicit, MODEL, X_T, 24) - v3).abs().max() > 1e-4 and explicit._plan.statistics
+    corrected = sample(DPMSolverV3Scheduler(ems_path=REFERENCE_EMS, use_corrector=True), MODEL, X_T, 24)
+    assert (corrected - sample(DPMSolverV3Scheduler(ems_path=REFERENCE_EMS), MODEL, X_T, 24)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize(("steps", "options"), [(20, {"use_corrector": False}), (20, {}), (20, {"degenerated": True}),
+                                                 (30, {})], ids=str)
+def test_a_repeated_final_sigma_is_a_zero_length_step_with_ems(steps, options):
+    """use_lu_lambdas with final_sigmas_type='sigma_min' ends on two equal sigmas, which snap to one EMS point: the
+    last step is the identity after the last point's corrector, and the trajectory up to there is the one of the
+    same grid without the repeated point."""
+    config = {"use_lu_lambdas": True, "final_sigmas_type": "sigma_min", "ems_path": REFERENCE_EMS, **options}
+    sched = DPMSolverV3Scheduler(**config)
+    states = list(trajectory(sched, MODEL, X_T, steps))
+    assert sched.noise_levels[-1].lambda_ == sched.noise_levels[-2].lambda_ and len(states) == steps
+    shorter = DPMSolverV3Scheduler(**config)  # the same points once each: the last real step ends at sigma_min
+    shorter.set_timesteps(sigmas=sched.sigmas[:-2].double().tolist())
+    assert shorter.sigmas[-1] == sched.sigmas[-1] and len(shorter.timesteps) == steps - 1
+    x = X_T
+    for k, t in enumerate(shorter.timesteps):
+        x = shorter.step(MODEL(x, t), t, x).prev_sample
+        torch.testing.assert_close(x, states[k], rtol=0, atol=1e-12)
+    if not sched._corrector_on() or not sched._plan.statistics:
+        assert torch.equal(states[-1], states[-2])
+    else:  # the last evaluation corrects x at sigma_min, and nothing else moves it
+        assert torch.isfinite(states[-1]).all() and 0 < (states[-1] - states[-2]).abs().max() < 1e-2
+
+
 def test_pseudo_order_predictor_differs_from_the_vandermonde_one_only_at_order_3(digits_ems):
     path = str(digits_ems[0])
     run = lambda **kw: sample(DPMSolverV3Scheduler(ems_path=path, use_corrector=False, **kw), MODEL, X_T, 8)  # noqa: E731
@@ -381,9 +447,12 @@ def test_non_finite_statistics_are_rejected(tmp_path, digits_ems):
 
 
 def test_grid_finer_than_the_ems_grid_is_rejected(digits_ems):
-    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), use_lu_lambdas=True)
+    sched = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), solver_order=2, use_lu_lambdas=True)
     with pytest.raises(ValueError, match="snap to only .* EMS grid \\(N=40\\)"):
         sched.set_timesteps(60)
+    default = DPMSolverV3Scheduler(ems_path=str(digits_ems[0]), use_lu_lambdas=True)
+    default.set_timesteps(60)  # beyond EMS_MAX_STEPS the default uses no EMS, so nothing snaps
+    assert len(default.timesteps) == 60
 
 
 # ------------------------------------------------------------------------------------------------ API

@@ -44,6 +44,21 @@ eps_c = eps + l (x_c - x) / sigma so that f (hence g) is unchanged -- the histor
   order 3 with the pseudo-order predictor, no lower-order final steps, corrector of the predictor's order with
   exact derivatives. Otherwise the default is order 2 with the configured options (the authors' guided setting).
   An explicit ``solver_order`` always runs as configured.
+* *Many steps* (``solver_order=None``, more than :data:`EMS_MAX_STEPS` = 20 steps): DPM-Solver++(2M) exactly as
+  ``dpm-solver++`` runs it (degenerated statistics with the midpoint weight of its Alg. 2, the pipeline's grid
+  unsnapped, no corrector unless ``use_corrector=True``); up to 20 steps, the EMS as configured. 20 steps is the top
+  of the range the method is made for (the paper: gains "especially in 5~10 NFEs"; the authors' CIFAR-10 scripts
+  run 5-25 steps). Beyond it estimated statistics cost more than they bring: their Monte-Carlo noise (independent
+  per grid point) makes g rough on the scale of the EMS grid, its extrapolation errs by ~h^1.5 per step instead of
+  h^3 and v3 converges at order ~1 (shipped ``reference:digits`` EMS, logSNR grid, RMS error at sigma_min at 80 /
+  160 / 320 steps: 1.9e-3 / 9.5e-4 / 5.8e-4, DPM-Solver++ 4.1e-4 / 1.1e-4 / 2.7e-5), and snapping caps the step
+  count (diffusers' default grid at 320 steps meets only 271 of the 401 EMS points). On grids ending at sigma = 0
+  the first-order final jump dominates every sampler's error from ~20 steps on, and DPM-Solver++'s own error before
+  it partly cancels it; a corrector (v3's, UniPC's) removes that error and the cancellation with it
+  (docs/verification.md, Findings). An explicit ``solver_order`` keeps the EMS and the corrector at any step count.
+* *Zero-length steps* (a final ``sigma_min`` equal to the last grid sigma, as diffusers builds logSNR, Karras,
+  exponential and beta grids): both points snap to one EMS point and the step is the identity (after the
+  corrector of the last point).
 * *Degenerated EMS* (l = 1, s = 0, b = 0, App. A.2): ``degenerated=True`` needs no file and uses the exact
   integrals (x_t = sigma_t / sigma_s x_s + alpha_t (1 - e^{-h}) x0 + ...): at order 1 it is DDIM, at order 2
   without corrector DPM-Solver++(2M) in its "heun" (Taylor) form, at order 3 the Taylor-weighted 3M. Without
@@ -96,9 +111,17 @@ def _phi(n: int, h: float) -> float:
 
 
 class _DegenerateIntegrals:
-    """l = 1, s = 0, b = 0, integrated exactly; positions are lambda values."""
+    """l = 1, s = 0, b = 0, integrated exactly; positions are lambda values.
+
+    With ``midpoint`` the first-derivative term takes DPM-Solver++(2M)'s weight (Lu et al. 2022b, Alg. 2; diffusers'
+    ``solver_type="midpoint"``, the ``dpm-solver++`` default), h (1 - e^{-h}) / 2, instead of the exact
+    int_0^h e^{u - h} u du = h - 1 + e^{-h}: order 2 is then DPM-Solver++(2M) itself.
+    """
 
     exact = True
+
+    def __init__(self, midpoint: bool = False) -> None:
+        self.midpoint = midpoint
 
     def l(self, p):  # noqa: E743
         return 1.0
@@ -108,6 +131,8 @@ class _DegenerateIntegrals:
         return math.exp(-h), -math.expm1(-h), None
 
     def high(self, ps: float, pt: float, n: int):
+        if self.midpoint and n == 1:
+            return 0.5 * (pt - ps) * -math.expm1(ps - pt)
         return _phi(n, pt - ps)
 
     def g(self, f: torch.Tensor, ps, pj) -> torch.Tensor:
@@ -225,11 +250,17 @@ class _Plan(NamedTuple):
     predictor_pseudo: bool
     corrector_pseudo: bool
     lower_order_final: bool
+    statistics: bool = True  # False: DPM-Solver++(2M) on the unsnapped grid, corrector off unless use_corrector=True
 
 
 # The authors' configuration for 5 steps without guidance (score_sde ``sample.sh``, the CIFAR-10 NFE-5 runs):
 # third-order pseudo-order predictor at every step, corrector of the predictor's order with exact derivatives.
 FEW_STEP_PLAN = _Plan(order=3, predictor_pseudo=True, corrector_pseudo=False, lower_order_final=False)
+
+EMS_MAX_STEPS = 20
+"""The most steps at which the default (``solver_order=None``) samples with the EMS. Above it, the default is
+DPM-Solver++(2M) as ``dpm-solver++`` runs it: degenerated statistics (l = 1, s = b = 0), the midpoint weight, the
+pipeline's own grid, no corrector (see the module docstring, *Many steps*)."""
 
 
 class DPMSolverV3Scheduler(DiffAlignScheduler):
@@ -241,10 +272,12 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             hold one set per guidance scale in subdirectories, chosen by ``guidance_scale``
             (:func:`~diffalign.samplers.ems.select_ems_file`).
         degenerated: use l = 1, s = 0, b = 0 (DPM-Solver++'s ODE) instead of EMS statistics. With ``ems_path``
-            the grid is still snapped to the EMS grid (for ablations on the same grid).
+            the grid is still snapped to the EMS grid (for ablations on the same grid), except where the default
+            ``solver_order`` runs DPM-Solver++(2M) (above :data:`EMS_MAX_STEPS` steps).
         solver_order: predictor order 1, 2 or 3. ``None`` (default): 2, and without guidance at <= 5 steps the
             authors' NFE-5 configuration (module docstring), which then replaces ``predictor_pseudo``,
-            ``corrector_pseudo`` and ``lower_order_final``.
+            ``corrector_pseudo`` and ``lower_order_final``; above :data:`EMS_MAX_STEPS` (20) steps DPM-Solver++(2M)
+            as ``dpm-solver++`` runs it (no statistics, no snapping, corrector off unless ``use_corrector=True``).
         predictor_pseudo: pseudo-order predictor (divided differences; only differs at order 3).
         use_corrector: apply the corrector (no extra model evaluation). ``None`` (default): on, except at
             ``guidance_scale`` >= 5, as in the authors' Stable Diffusion sampler (``use_corrector = scale < 5``;
@@ -315,22 +348,28 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
                 _warn_once("DPMSolverV3Scheduler without ems_path runs with the degenerated statistics (l=1, s=0, "
                            "b=0); %s.", COMPUTE_HINT)
             self._integrals = _DegenerateIntegrals()
+        self._ems_integrals = self._integrals  # the configured statistics; a grid beyond EMS_MAX_STEPS uses none
         self._grid_index: list[int] | None = None
 
     # ------------------------------------------------------------------ grid
     def _build_grid(self, num_inference_steps, device, mu, timesteps) -> None:
         self._base_grid(num_inference_steps, device, mu, timesteps)
         self._grid_index = None
-        if self._ems is None:
+        statistics = self._plan.statistics
+        self._integrals = self._ems_integrals if statistics else _DegenerateIntegrals(midpoint=True)
+        if self._ems is None or not statistics:
             return
         sig = self.sigmas.double().tolist()
         ends_at_zero = sig[-1] == 0.0
         points = sig[:-1] if ends_at_zero else sig
         idx = [self._ems.nearest_index(self._grid.lambda_of_sigma(s)) for s in points]
-        if len(set(idx)) != len(idx):
+        # distinct noise levels must stay distinct; a repeated final sigma (a zero-length step) stays repeated
+        merged = sum(a == b and p != q for a, b, p, q in zip(idx, idx[1:], points, points[1:], strict=False))
+        if merged:
             raise ValueError(
-                f"{len(points)} grid points snap to only {len(set(idx))} distinct points of the EMS grid "
-                f"(N={self._ems.num_points}); use fewer steps or EMS computed on a finer grid (larger --grid)."
+                f"{len(points)} grid points snap to only {len(points) - merged} distinct points of the EMS grid "
+                f"(N={self._ems.num_points}); use fewer steps, EMS computed on a finer grid (larger --grid), or "
+                f"solver_order=None (above {EMS_MAX_STEPS} steps the default samples without EMS)."
             )
         lams = [float(self._ems.lambdas[i]) for i in idx]
         new_sig = [self._grid.sigma_of_lambda(lam) for lam in lams] + ([0.0] if ends_at_zero else [])
@@ -364,9 +403,12 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         """Orders and options for the current grid: the config's, or with ``solver_order=None`` the authors'."""
         c = self.config
         unguided = c.guidance_scale is None or float(c.guidance_scale) <= 1.0
-        if c.solver_order is None and unguided and len(self.timesteps) <= 5:
+        steps = len(self.timesteps)
+        if c.solver_order is None and unguided and steps <= 5:
             return FEW_STEP_PLAN
-        return _Plan(c.solver_order or 2, c.predictor_pseudo, c.corrector_pseudo, c.lower_order_final)
+        many = c.solver_order is None and steps > EMS_MAX_STEPS
+        return _Plan(c.solver_order or 2, c.predictor_pseudo, c.corrector_pseudo, c.lower_order_final,
+                     statistics=not many)
 
     # ------------------------------------------------------------------ state
     def _reset_state(self) -> None:
@@ -390,16 +432,20 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
         f = (1.0 - l_i) * sample / lvl.alpha - x0
         x = sample
         plan = self._plan
-        if self._corrector_on() and self._prev_x is not None and self._corrector_active(i):
+        corrector = self._corrector_on() if plan.statistics else bool(self.config.use_corrector)
+        if corrector and self._prev_x is not None and self._corrector_active(i):
             order = min(self._prev_order + int(plan.corrector_pseudo), len(self.model_outputs) + 1)
             if order > 1:
                 points = [i - 1, i] + [i - 1 - k for k in range(1, order - 1)]
                 outputs = dict(zip(self._hist_idx, self.model_outputs, strict=True))
                 outputs[i] = f
-                x = self._v3_step(self._prev_x, i - 1, i, points, outputs, order, plan.corrector_pseudo)
+                exact = None if plan.statistics else _DegenerateIntegrals()  # the midpoint weight predicts only
+                x = self._v3_step(self._prev_x, i - 1, i, points, outputs, order, plan.corrector_pseudo, exact)
         self._push_output(f, plan.order + 1)
         self._hist_idx.append(i)
         del self._hist_idx[:-(plan.order + 1)]
+        if self._zero_width(i):  # a repeated final sigma: the exact solution over a zero-length step
+            return x
         nxt = self._levels[i + 1]
         if nxt.sigma == 0.0:  # to sigma = 0: the data prediction of the (corrected) point
             return nxt.alpha * ((1.0 - l_i) * x / lvl.alpha - f)
@@ -421,9 +467,10 @@ class DPMSolverV3Scheduler(DiffAlignScheduler):
             return True
         return float(self.timesteps[i]) / self.config.num_train_timesteps <= 0.5
 
-    def _v3_step(self, x_s, s: int, t: int, points: list[int], outputs: dict, order: int, pseudo: bool):
+    def _v3_step(self, x_s, s: int, t: int, points: list[int], outputs: dict, order: int, pseudo: bool,
+                 integ=None):
         """x_t from x_s with the g values of ``points`` (``points[0] == s``), Taylor order ``order``."""
-        integ = self._integrals
+        integ = self._integrals if integ is None else integ
         lv_s, lv_t = self._levels[s], self._levels[t]
         ps, pt = self._pos(s), self._pos(t)
         A, G0, Bt = integ.step(ps, pt)
