@@ -250,11 +250,17 @@ def test_shipped_ratios_for_reference_digits_are_picked_up_by_the_bench_config()
 @pytest.mark.parametrize("base", BASES)
 def test_dualfast_with_zero_coefficient_is_the_base_sampler_exactly(base):
     expected = sample(make_scheduler(base), MODEL, X64, 8)
-    for schedule in ("linear", "constant"):
+    for schedule in ("first-order", "linear", "step-scaled", "constant"):
         got = sample(make_scheduler(f"dualfast:{base}", dualfast_scale=0.0, dualfast_schedule=schedule), MODEL,
                      X64, 8)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert not torch.equal(sample(make_scheduler(f"dualfast:{base}"), MODEL, X64, 8), expected)
+    assert not torch.equal(sample(make_scheduler(f"dualfast:{base}", dualfast_schedule="linear"), MODEL, X64, 8),
+                           expected)
+    default = sample(make_scheduler(f"dualfast:{base}"), MODEL, X64, 8)
+    if base == "ddim":  # the default mixes on first-order bases only ...
+        assert not torch.equal(default, expected)
+    else:  # ... and is the identity on bases of order >= 2
+        torch.testing.assert_close(default, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("reference", ["previous", "first"])
@@ -277,11 +283,64 @@ def test_dualfast_ddim_step_is_ddim_with_the_mixed_noise_prediction(reference):
     assert sched.dualfast_coefficient(0) == c  # the first step has no cached prediction and is plain DDIM
 
 
-def test_dualfast_default_schedule_ramps_linearly_to_its_scale():
-    sched = make_scheduler("dualfast:dpm-solver++")
-    sched.set_timesteps(6)
-    assert sched.config.dualfast_scale == 0.15 and sched.config.dualfast_reference == "previous"
-    assert [sched.dualfast_coefficient(i) for i in range(6)] == pytest.approx([0.15 * i / 5 for i in range(6)])
+# sum and sum of squares of sample(dualfast:<base>, MODEL, X64, 8) with the paper's ramp, from the version whose
+# default it was
+PAPER_READING_OUTPUTS = {"dpm-solver++": (-99.75874270942693, 210.1211321832703),
+                         "unipc": (-99.501311772264, 211.42532300816595)}
+
+
+@pytest.mark.parametrize("base", sorted(PAPER_READING_OUTPUTS))
+def test_dualfast_paper_reading_stays_selectable_and_reproduces_its_old_outputs(base):
+    """``dualfast_schedule="linear"``: the base fed eps~ = (1 + c_i) eps_i - c_i eps_(i-1), c_i = 0.15 i / (N - 1)."""
+    sched = make_scheduler(f"dualfast:{base}", dualfast_schedule="linear")
+    got = sample(sched, MODEL, X64, 8)
+    total, squares = PAPER_READING_OUTPUTS[base]
+    assert got.sum().item() == pytest.approx(total, rel=1e-12)
+    assert got.square().sum().item() == pytest.approx(squares, rel=1e-12)
+    ref = make_scheduler(base)
+    ref.set_timesteps(8)
+    x, prev = X64, None
+    for i, t in enumerate(ref.timesteps):
+        eps = MODEL(x, t)
+        c = 0.15 * i / 7
+        x = ref.step(eps if prev is None else (1 + c) * eps - c * prev, t, x).prev_sample
+        prev = eps
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
+
+
+def test_dualfast_schedules_and_base_orders():
+    orders = {"ddim": 1, "dpm-solver++": 2, "unipc": 3, "dc-solver": 3, "dpm-solver": 3, "pndm": 2}
+    for base, p in orders.items():
+        assert make_scheduler(f"dualfast:{base}").dualfast_base_order() == p, base
+    assert make_scheduler("dualfast:unipc", use_corrector=False).dualfast_base_order() == 2
+    assert make_scheduler("dualfast:dpm-solver++", solver_order=1).dualfast_base_order() == 1
+    ddim, dpm = make_scheduler("dualfast:ddim"), make_scheduler("dualfast:dpm-solver++")
+    linear = make_scheduler("dualfast:dpm-solver++", dualfast_schedule="linear")
+    scaled = make_scheduler("dualfast:dpm-solver++", dualfast_schedule="step-scaled")
+    for s in (ddim, dpm, linear, scaled):
+        s.set_timesteps(6)
+        assert s.config.dualfast_scale == 0.15 and s.config.dualfast_reference == "previous"
+    ramp = [0.15 * i / 5 for i in range(6)]
+    assert ddim.config.dualfast_schedule == "first-order"
+    assert [ddim.dualfast_coefficient(i) for i in range(6)] == pytest.approx(ramp)  # first order: the paper's ramp
+    assert [dpm.dualfast_coefficient(i) for i in range(6)] == [0.0] * 6  # order >= 2: identity
+    assert [linear.dualfast_coefficient(i) for i in range(6)] == pytest.approx(ramp)
+    lam = [lvl.lambda_ for lvl in scaled.noise_levels[:6]]  # ramp x (h_i / H)^(p - 1), p = 2
+    expected = [0.0] + [ramp[i] * (lam[i] - lam[i - 1]) / (lam[-1] - lam[0]) for i in range(1, 6)]
+    assert [scaled.dualfast_coefficient(i) for i in range(6)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("base, order", [("dpm-solver++", 2), ("unipc", 3)])
+def test_dualfast_default_keeps_the_convergence_order_the_paper_ramp_breaks(base, order):
+    """Lambda-uniform grids, NFE 40-160 (see tests/test_convergence.py): the default (identity on these bases) and the
+    ``step-scaled`` schedule keep the base's slope; the paper's ramp (c -> 0.15 at every NFE) falls to first order."""
+    slope = {s: observed_order(lambda s=s: make_scheduler(base if s is None else f"dualfast:{base}", **LU,
+                                                          **({} if s in (None, "default") else
+                                                             {"dualfast_schedule": s})), (40, 80, 160))
+             for s in (None, "default", "step-scaled", "linear")}
+    assert abs(slope[None] - order) < 0.3, slope
+    assert abs(slope["default"] - slope[None]) < 0.3 and abs(slope["step-scaled"] - slope[None]) < 0.3, slope
+    assert slope["linear"] < 1.3, slope
 
 
 def test_dualfast_registry_classes_round_trip_and_generic_wrapping(tmp_path):

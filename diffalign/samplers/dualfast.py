@@ -33,12 +33,13 @@ prediction the base integrates over the next step h_(i+1): it shifts the predict
 a local error O(c h^2) and a global error O(c h). A first-order (exponential Euler) step holds eps constant over
 the step; its own leading error is that term with the opposite sign (the exact step integrates eps at an effective
 shift delta(h) = 1 - h / (e^h - 1), ~ h / 2 for small h). So on a first-order base any c_i h_i in (0, 2
-delta(h_(i+1))) shrinks the leading error (c = 0.15 qualifies on grids whose consecutive steps shrink by less than
-~6x); the order stays 1. A base of order p >= 2 already cancels that term with its own history; the mix puts it
-back, first order unless c = O(h^(p-1)) (``"step-scaled"``), and even then the added error is of the base's order
-with a problem-dependent sign: on ``builtin:digits`` at guidance 7.5, NFE 5, a constant c of 0.001 / 0.005 makes
-UniPC 1.02x / 1.11x worse and the paper's ramp 17x (``"step-scaled"`` 1.10x), while at guidance 1 the ramp helps.
-No c > 0 is safe there, hence the default; measurements in ``docs/verification.md`` (DualFast).
+delta(h_(i+1))) shrinks the leading error (c = 0.15 qualifies unless consecutive steps shrink by more than ~6x or
+exceed ~13); the order stays 1. A base of order p >= 2 already cancels that term with its own history; the mix
+puts it back, first order unless c = O(h^(p-1)) (``"step-scaled"``), and even then the added error is of the
+base's order with a problem-dependent sign: on ``builtin:digits`` at guidance 7.5, NFE 5 (seed 7), a constant c
+of 0.001 / 0.005 makes UniPC 1.02x / 1.11x worse and the paper's ramp 17x (``"step-scaled"`` 1.10x), while at
+guidance 1 the ramp helps. No c > 0 is safe there, hence the default; measurements in ``docs/verification.md``
+(DualFast: the default schedule).
 
 What was verified of the paper and what was not: the abstract of arXiv 2506.13058 and third-party notes on it
 could be read; Section 4 of the paper could not be retrieved. The notes give the mixing form above (tau > t cached,
