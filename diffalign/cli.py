@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--guidance", type=float, default=1.0)
     ct.add_argument("--out", required=True, help="schedule JSON file (entries for other NFE are kept)")
     ct.add_argument("--minutes", type=float, default=10.0, help="search budget")
-    ct.add_argument("--method", choices=["evolution", "powell"], default="evolution")
+    ct.add_argument("--method", choices=["powell", "evolution"], default="powell",
+                    help="Powell's local search or differential evolution")
     ct.add_argument("--num-noises", type=int, default=32, help="noises the error is measured on")
     ct.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
     ct.set_defaults(func=_calibrate_timesteps)

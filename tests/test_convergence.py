@@ -109,3 +109,19 @@ def test_time_quadratic_spacing_converges_and_beats_time_uniform_for_dpm_solver_
             errs[spacing, n] = torch.mean((sample(sched, MODEL, X_T, n) - ref) ** 2).item()
     assert errs["time_quadratic", 24] < errs["time_quadratic", 12] / 4
     assert errs["time_quadratic", 24] < errs["linspace", 24]
+
+
+DEFAULT_ORDERS = {"ddim": 1, "dpm-solver": 3, "dpm-solver++": 2, "dpm-solver-v3": 2, "pndm": 2, "unipc": 3,
+                  "dc-solver": 3}
+"""Order of each sampler's default configuration at many steps (DPM-Solver: singlestep DPM-Solver-3; v3: above 20
+steps DPM-Solver++(2M); PNDM: s-pndm; UniPC / DC-Solver: UniP-2 with the UniC corrector)."""
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["base", "dualfast"])
+@pytest.mark.parametrize("name", sorted(DEFAULT_ORDERS))
+def test_every_default_configuration_and_dualfast_wrapper_keeps_its_order_up_to_nfe_320(name, wrapped):
+    from diffalign.samplers import make_scheduler
+
+    full = f"dualfast:{name}" if wrapped else name
+    slope = observed_order(lambda: make_scheduler(full, {"use_lu_lambdas": True}), (80, 160, 320))
+    assert slope >= DEFAULT_ORDERS[name] - 0.3, f"{full}: observed order {slope:.2f}"
