@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Searches the time steps shipped in diffalign/models/schedules/ (resumable: a rerun skips the entries already
-# searched and resumes an interrupted search).
+# Searches time steps for the shipped models (resumable: a rerun skips the entries already searched and resumes an
+# interrupted search). The files land in benchmarks/results/timesteps_<model>/; copied to
+# diffalign/models/schedules/<model>/ they become the samplers' defaults for that model (none are shipped: see
+# docs/samplers.md#searched-time-steps for why).
 # Usage: bash benchmarks/search_timesteps.sh [model] [minutes per search]
 set -euo pipefail
 model=${1:-builtin:fashion}
 minutes=${2:-3}
-out=diffalign/models/schedules/${model/:/_}
+out=benchmarks/results/timesteps_${model/:/_}
 mkdir -p "$out"
 for guidance in 1 7.5; do
   for sampler in unipc dpm-solver++; do

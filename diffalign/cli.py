@@ -75,7 +75,8 @@ def _calibrate_timesteps(args) -> None:
     state.unlink(missing_ok=True)
     gain = entry["mse_default"] / entry["mse"] if entry["mse"] > 0 else float("inf")
     print(f"{args.sampler} NFE {args.nfe} ({entry['steps']} steps): MSE {entry['mse_default']:.4e} (default grid), "
-          f"{entry['mse_logsnr_uniform']:.4e} (logSNR-uniform) -> {entry['mse']:.4e} searched ({gain:.2f}x lower) in "
+          f"{entry['mse_logsnr_uniform']:.4e} (logSNR-uniform), {entry['mse_ays']:.4e} (AYS) -> {entry['mse']:.4e} "
+          f"searched ({gain:.2f}x lower than the default) in "
           f"{entry['seconds']:.0f} s; wrote {path}")
 
 

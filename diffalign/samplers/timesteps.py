@@ -11,9 +11,9 @@ Parametrisation: the n - 1 free points of an n-step grid lie in log-SNR lambda a
 so every u gives a strictly increasing lambda (decreasing sigma) grid, and u = 0 is the logSNR-uniform grid.
 Search (``method``):
 
-* ``"powell"`` (default): scipy's Powell method from the better of the default and logSNR-uniform grids, a local
-  derivative-free search;
-* ``"evolution"``: scipy's differential evolution over u in [-4, 4]^(n-1), a population seeded with those two
+* ``"powell"`` (default): scipy's Powell method from the best of the default, logSNR-uniform and Align Your Steps
+  grids (:func:`ays_timesteps`), a local derivative-free search;
+* ``"evolution"``: scipy's differential evolution over u in [-4, 4]^(n-1), a population seeded with those three
   grids; the evolutionary search of AutoDiffusion (Li et al. 2023), here over the step positions only.
 
 Compared at equal budgets (``docs/samplers.md``), Powell reached the same optimum on the closed-form model in
@@ -223,8 +223,11 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
 
     u_default = params_of(-np.log(default_sigmas), lambda_0, lambda_max)
     u_uniform = np.zeros(steps - 1)
-    default_loss, uniform_loss = loss(u_default), loss(u_uniform)
-    starts = [u_default, u_uniform]
+    ays = make_scheduler(sampler, config)
+    ays.set_timesteps(timesteps=ays_timesteps(steps))
+    u_ays = params_of(-np.log(ays.sigmas.double().numpy()[:steps]), lambda_0, lambda_max)
+    default_loss, uniform_loss, ays_loss = loss(u_default), loss(u_uniform), loss(u_ays)
+    starts = [u_default, u_uniform, u_ays]
     if state_path is not None and Path(state_path).is_file():
         saved = json.loads(Path(state_path).read_text())
         if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:
@@ -259,5 +262,5 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     bar.close()
     sigmas = np.exp(-lambdas_of(best["u"], lambda_0, lambda_max))
     return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
-            "mse_logsnr_uniform": uniform_loss, "method": method, "seed": seed, "num_noises": num_noises,
-            "seconds": round(time.perf_counter() - t_start, 1)}
+            "mse_logsnr_uniform": uniform_loss, "mse_ays": ays_loss, "method": method, "seed": seed,
+            "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1)}
