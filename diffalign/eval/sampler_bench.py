@@ -128,11 +128,10 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     jobs = [(n, k) for n in names for k in nfes]
     for label, nfe in tqdm(jobs, desc="bench", disable=not progress):
         name, extra = variants.get(label, (label, {}))
-        sched = make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance, searched=False),
-                                      **extra})
+        plain = {**config, **sampler_overrides(named_model, name, guidance, searched=False)}
+        sched = make_scheduler(name, {**plain, **extra})
         if label.endswith("@searched"):  # the step count of this NFE on the plain grid, if a grid was searched for it
-            steps = steps_for_nfe(make_scheduler(name, {**config, **sampler_overrides(named_model, name, guidance,
-                                                                                       searched=False)}), nfe)
+            steps = steps_for_nfe(make_scheduler(name, plain), nfe)
             try:
                 sched.set_timesteps(steps)
             except ValueError:

@@ -303,8 +303,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             sigmas = np.minimum(sigmas, 1.0 - 1e-6)  # alpha = 0 at sigma = 1 (diffusers' UniPC moves it too)
         final = 0.0 if c.final_sigmas_type == "zero" else float(sigmas[-1] if c.use_flow_sigmas else self._sigma_min())
         all_sigmas = torch.tensor([*sigmas.tolist(), final], dtype=torch.float64)
-        times = self._continuous_timesteps(all_sigmas[:-1])
-        self.timesteps = (times.double().round().long() if c.discrete_timesteps else times).to(device)
+        self.timesteps = self._model_times(all_sigmas[:-1], device)
         self.sigmas = all_sigmas.float()
         self.num_inference_steps = len(self.timesteps)
 
@@ -386,8 +385,7 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             if c.final_sigmas_type == "sigma_min":
                 flow[-1] = flow[-2]
             self.sigmas = flow.float()
-            times = self._continuous_timesteps(self.sigmas[:-1])
-            self.timesteps = (times.double().round().long() if c.discrete_timesteps else times).to(device)
+            self.timesteps = self._model_times(self.sigmas[:-1], device)
         elif (off_grid or c.use_flow_sigmas) and not c.discrete_timesteps:
             self.timesteps = self._continuous_timesteps(self.sigmas[:-1]).to(device)
 
@@ -402,6 +400,11 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         log_sigmas = np.log(((1 - self.alphas_cumprod.double()) / self.alphas_cumprod.double()).sqrt().numpy())
         return torch.from_numpy(np.array([self._sigma_to_t(s, log_sigmas) for s in sigmas.double().numpy()])
                                 ).float()
+
+    def _model_times(self, sigmas: torch.Tensor, device) -> torch.Tensor:
+        """Model times of a sigma grid: continuous, or rounded to integers with ``discrete_timesteps``."""
+        times = self._continuous_timesteps(sigmas)
+        return (times.double().round().long() if self.config.discrete_timesteps else times).to(device)
 
     def _noise_level(self, sigma: float) -> NoiseLevel:
         """(alpha, sigma, lambda) of a diffusers sigma (VE sigma, or flow sigma with ``use_flow_sigmas``)."""
@@ -535,15 +538,16 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         before ``set_timesteps`` (training code), the training schedule's: alphas_cumprod[t] at integer t, log-sigma
         interpolation in between, sigma = t / num_train_timesteps for flow matching.
         """
-        t = torch.as_tensor(timesteps).detach().double().cpu().reshape(-1)
+        t = torch.as_tensor(timesteps).detach().double().cpu().reshape(-1).tolist()
         on_grid = {}
         if self._levels:
             on_grid = {float(g): lvl for g, lvl in zip(self.timesteps.tolist(), self._levels, strict=False)}
-        alphas, sigmas = [], []
-        for value in t.tolist():
-            lvl = on_grid.get(value) or self._training_level(value)
-            alphas.append(lvl.alpha)
-            sigmas.append(lvl.sigma)
+        if self.config.use_flow_sigmas:
+            training = [value / self.config.num_train_timesteps for value in t]
+        else:
+            training = self.sigma_at_time(t)
+        levels = [on_grid.get(value) or self._noise_level(sigma) for value, sigma in zip(t, training, strict=True)]
+        alphas, sigmas = [lvl.alpha for lvl in levels], [lvl.sigma for lvl in levels]
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
         a = torch.tensor(alphas, dtype=torch.float64).reshape(shape)
         s = torch.tensor(sigmas, dtype=torch.float64).reshape(shape)
@@ -552,13 +556,13 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         x = a * original_samples.to(work) + s * noise.to(original_samples.device, work)
         return x.to(original_samples.dtype)
 
-    def _training_level(self, t: float) -> NoiseLevel:
-        """(alpha, sigma, lambda) of the training schedule at model time ``t``."""
-        if self.config.use_flow_sigmas:
-            return self._noise_level(t / self.config.num_train_timesteps)
-        ac = self.alphas_cumprod.double().numpy()
-        log_sigmas = 0.5 * np.log((1.0 - ac) / ac)
-        return self._noise_level(math.exp(np.interp(t, np.arange(len(ac)), log_sigmas)))
+    def sigma_at_time(self, t) -> list[float]:
+        """VE sigmas of the training schedule at model times ``t`` (a sequence): sqrt((1 - alphabar) / alphabar) at
+        integer t, log-sigma interpolation in between."""
+        if getattr(self, "_log_sigmas", None) is None:  # alphas_cumprod is fixed once the schedule is built
+            ac = self.alphas_cumprod.double().numpy()
+            self._log_sigmas = 0.5 * np.log((1.0 - ac) / ac)
+        return [math.exp(v) for v in np.interp(t, np.arange(len(self._log_sigmas)), self._log_sigmas)]
 
     def _zero_width(self, i: int) -> bool:
         """Whether grid points i and i + 1 share one noise level (a final ``sigma_min`` equal to the last grid

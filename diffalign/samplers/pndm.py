@@ -23,10 +23,8 @@ outputs, so the two differ for ``prediction_type="v_prediction"``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
@@ -156,9 +154,7 @@ class PNDMScheduler(DiffAlignScheduler):
         """(sigma, model time) halfway in model time between grid points s and t, given as (sigma, time)."""
         c = self.config
         time = t[1] + (s[1] - t[1]) // 2 if c.discrete_timesteps else 0.5 * (s[1] + t[1])
-        ac = self.alphas_cumprod.double().numpy()
-        log_sigmas = 0.5 * np.log((1.0 - ac) / ac)  # log-sigma interpolation, as the base's time of a sigma
-        return math.exp(np.interp(time, np.arange(len(ac)), log_sigmas)), time
+        return self.sigma_at_time([time])[0], time
 
     # ------------------------------------------------------------------ step
     @staticmethod
