@@ -38,13 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--fid-images", type=int, default=1000)
     p.add_argument("--fid-every", type=int, default=0, help="also FID at every k-th checkpoint (0: base and final)")
+    p.add_argument("--kl-images", type=int, default=16, help="trajectories for each checkpoint's KL to the base")
     p.add_argument("--quality-reward", default="prompt_following", help="also tracked, as a quality check")
     p.add_argument("--base-fid", type=float, default=None, help="the base model's FID (same settings), if known")
+    p.add_argument("--fid-bound", type=float, default=2.0,
+                   help="report the best checkpoint whose FID is within this factor of the base model's")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
     from diffalign.align import config_for, read_metrics, train
-    from diffalign.align.evaluate import eval_images, evaluate_fid, evaluate_rewards
+    from diffalign.align.evaluate import eval_images, evaluate_fid, evaluate_kl, evaluate_rewards
     from diffalign.sampling import save_grid
 
     torch.set_num_threads(torch.get_num_threads())
@@ -77,16 +80,21 @@ def main(argv: list[str] | None = None) -> dict:
     for k, ckpt in enumerate(checkpoints, 1):
         step = int(ckpt.name.split("-")[1])
         curve.append({**rewards(str(ckpt)), "step": step, "wall_s": by_step[step]["wall_s"],
-                      "images_seen": by_step[step]["images_seen"]})
+                      "images_seen": by_step[step]["images_seen"],
+                      "kl": evaluate_kl(str(ckpt), args.kl_images, args.eval_seed, args.guidance)})
         if args.fid_every and k % args.fid_every == 0 and k != len(checkpoints):
             curve[-1]["fid"] = fid(str(ckpt))
         print(f"step {step}: reward {curve[-1]['reward_mean']:.4f}, {args.quality_reward} "
-              f"{curve[-1]['quality_mean']:.3f}" + (f", FID {curve[-1]['fid']:.3f}" if "fid" in curve[-1] else ""),
+              f"{curve[-1]['quality_mean']:.3f}, KL {curve[-1]['kl']:.2e}"
+              + (f", FID {curve[-1]['fid']:.3f}" if "fid" in curve[-1] else ""),
               flush=True)
     fid_base = args.base_fid if args.base_fid is not None else fid(args.model)
     fid_final = fid(str(out))
     curve[0]["fid"], curve[-1]["fid"] = fid_base, fid_final
     final = curve[-1]
+    gain = {id(c): (c["reward_mean"] - base["reward_mean"]) / base["reward_std"] for c in curve}
+    bounded = [c for c in curve if c.get("fid") is not None and c["fid"] <= args.fid_bound * fid_base]
+    best = max(bounded, key=lambda c: gain[id(c)])
     record = {
         "method": args.method, "model": args.model, "reward": args.reward, "minutes": args.minutes,
         "config": {k: v for k, v in json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)).items()},
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
         "base": {**base, "fid": fid_base}, "final": {**final, "fid": fid_final},
         "reward_gain_in_base_sd": (final["reward_mean"] - base["reward_mean"]) / base["reward_std"],
         "fid_ratio": fid_final / fid_base, "optimizer_steps": metrics[-1]["step"],
+        "fid_bound": args.fid_bound,
+        "best_within_fid_bound": {"step": best["step"], "wall_s": best["wall_s"], "fid_ratio": best["fid"] / fid_base,
+                                  "reward_gain_in_base_sd": gain[id(best)]},
         "train_wall_s": metrics[-1]["wall_s"], "eval_seconds": time.perf_counter() - t0,
         "command": "python benchmarks/align.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
@@ -108,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"({record['reward_gain_in_base_sd']:+.2f} base sd) in {record['train_wall_s'] / 60:.1f} min; "
           f"FID {fid_base:.3f} -> {fid_final:.3f} ({record['fid_ratio']:.2f}x); {args.quality_reward} "
           f"{base['quality_mean']:.3f} -> {final['quality_mean']:.3f}")
+    b = record["best_within_fid_bound"]
+    print(f"best checkpoint with FID within {args.fid_bound:g}x: step {b['step']} ({b['wall_s'] / 60:.1f} min), "
+          f"{b['reward_gain_in_base_sd']:+.2f} base sd, FID {b['fid_ratio']:.2f}x")
     return record
 
 

@@ -19,8 +19,14 @@ from safetensors.torch import load_file
 import diffalign
 from diffalign.align import Policy, config_for, train
 from diffalign.align.config import LoraSettings
-from diffalign.align.losses import d3po_loss, gaussian_log_prob, implicit_accuracy
-from diffalign.align.trajectory import ddim_scheduler, sample_trajectories, step_log_probs
+from diffalign.align.losses import d3po_loss, gaussian_kl, gaussian_log_prob, implicit_accuracy
+from diffalign.align.trajectory import (
+    ddim_scheduler,
+    sample_trajectories,
+    step_kl,
+    step_log_probs,
+    step_transitions,
+)
 
 FAST = {"model": "builtin:digits", "reward": "brightness", "guidance": 1.0, "num_steps": 6, "pairs_per_step": 2,
         "checkpoint_every": 0}
@@ -130,6 +136,69 @@ def test_policy_and_reference_log_probs_agree_at_lora_init_and_differ_after_a_ch
     ref2 = step_log_probs(policy, sched, traj.latents, steps, labels, 2.0, reference=True)
     assert torch.equal(ref2, ref) and not torch.allclose(lp2, ref2)
     assert lp2.requires_grad and not ref2.requires_grad
+
+
+def test_gaussian_kl_is_the_normal_kl_and_zero_only_at_equal_means():
+    mp, mq = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mp, 0.3),
+                                                 torch.distributions.Normal(mq, 0.3)).mean((1, 2, 3))
+    assert torch.allclose(gaussian_kl(mp, mq, 0.3), expected, atol=1e-6)
+    assert torch.equal(gaussian_kl(mq, mq, 0.3), torch.zeros(3))
+
+
+def test_step_kl_is_zero_at_lora_init_and_its_gradient_pulls_the_policy_back(digits_pipe):
+    import copy
+
+    policy = Policy(copy.deepcopy(digits_pipe), lora=LoraSettings(rank=4))
+    sched = ddim_scheduler(policy, 5, eta=1.0)
+    labels = policy.encode(["3", "4"])
+    traj = sample_trajectories(policy, sched, labels, torch.randn(2, 1, 8, 8), 1.0, torch.Generator().manual_seed(0))
+    steps = [0, 1, 2, 3]
+
+    def kl():
+        mean_p, stds = step_transitions(policy, sched, traj.latents, steps, labels)
+        mean_ref, _ = step_transitions(policy, sched, traj.latents, steps, labels, reference=True)
+        return step_kl(mean_p, mean_ref, stds)
+
+    assert torch.equal(kl(), torch.zeros(2, 4))
+    lora = [p for name, p in policy.unet.named_parameters() if "lora_B" in name]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.05)
+    before = kl()
+    assert (before > 0).all() and before.requires_grad
+    before.mean().backward()
+    with torch.no_grad():  # one small step down the KL's gradient brings the policy's transitions closer
+        for p in lora:
+            p -= 1e-2 * p.grad / max(float(p.grad.norm()), 1e-12)
+    assert kl().mean() < before.mean()
+
+
+def test_kl_coef_adds_the_logged_kl_to_the_d3po_loss_and_keeps_training_closer_to_the_reference(tmp_path):
+    from diffalign.align.methods.d3po import D3PO
+
+    plain = train("d3po", cfg(max_steps=8, lr=1e-3, pairs_per_step=4, seed=0), tmp_path / "a", progress=False)
+    kept = train("d3po", cfg(max_steps=8, lr=1e-3, pairs_per_step=4, seed=0, kl_coef=50.0), tmp_path / "b",
+                 progress=False)
+    assert plain.metrics[0]["kl"] == 0.0 == kept.metrics[0]["kl"]  # the first step is taken at LoRA init
+    kl_plain = sum(r["kl"] for r in plain.metrics[-3:])
+    kl_kept = sum(r["kl"] for r in kept.metrics[-3:])
+    assert 0 < kl_kept < 0.5 * kl_plain
+    method = D3PO(cfg(pairs_per_step=2, seed=1), plain.policy)
+    batch = method.collect(torch.Generator().manual_seed(3))
+    loss0, stats = method.loss(batch, batch["steps"])
+    method.cfg.kl_coef = 2.0
+    loss2, _ = method.loss(batch, batch["steps"])
+    assert stats["kl"] > 0 and math.isclose(float((loss2 - loss0).detach()), 2.0 * stats["kl"], rel_tol=1e-4)
+    with pytest.raises(ValueError, match="kl_coef"):
+        D3PO(cfg(kl_coef=-1.0), plain.policy)
+    # evaluated afterwards on fresh trajectories, the drift keeps its order
+    from diffalign.align import evaluate_kl
+
+    drift = [evaluate_kl(str(tmp_path / run), num_images=8, num_steps=6) for run in ("a", "b")]
+    assert 0 < drift[1] < 0.5 * drift[0]
+    with pytest.raises(ValueError, match="not a training output"):
+        evaluate_kl("builtin:digits")
 
 
 # ---------------------------------------------------------------------- training
@@ -423,3 +492,20 @@ def test_ddpo_trains_on_the_same_engine(tmp_path):
     rows = result.metrics
     assert len(rows) == 3 and rows[-1]["images_seen"] == 24 and all(math.isfinite(r["loss"]) for r in rows)
     assert any(v.abs().max() > 0 for k, v in result.policy.trainable_state_dict().items() if "lora_B" in k)
+    assert "kl" not in rows[-1]  # no reference pass without kl_coef
+
+
+def test_ddpo_kl_coef_adds_the_kl_to_its_loss(tmp_path):
+    from diffalign.align.methods.ddpo import DDPO
+
+    overrides = {**{k: v for k, v in FAST.items() if k != "pairs_per_step"}, "images_per_step": 4, "max_steps": 2,
+                 "lr": 1e-3}
+    result = train("ddpo", config_for("ddpo", overrides={**overrides, "kl_coef": 1.0}), tmp_path / "run",
+                   progress=False)
+    assert result.metrics[0]["kl"] == 0.0 and result.metrics[1]["kl"] > 0
+    method = DDPO(config_for("ddpo", overrides=overrides), result.policy)
+    batch = method.collect(torch.Generator().manual_seed(0))
+    plain, stats = method.loss(batch, batch["steps"])
+    method.cfg.kl_coef = 3.0
+    with_kl, stats_kl = method.loss(batch, batch["steps"])
+    assert "kl" not in stats and math.isclose(float((with_kl - plain).detach()), 3.0 * stats_kl["kl"], rel_tol=1e-4)

@@ -18,7 +18,7 @@ from .config import (
     config_for,
 )
 from .data import PreferenceData, load_preferences
-from .evaluate import evaluate_reward, evaluate_rewards
+from .evaluate import evaluate_kl, evaluate_reward, evaluate_rewards
 from .methods import METHODS, get_method
 from .policy import Policy, load_aligned_pipeline
 from .trainer import read_metrics, train
@@ -36,6 +36,7 @@ __all__ = [
     "Policy",
     "TrainConfig",
     "config_for",
+    "evaluate_kl",
     "evaluate_reward",
     "evaluate_rewards",
     "get_method",

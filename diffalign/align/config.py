@@ -78,9 +78,15 @@ class RolloutConfig(TrainConfig):
     steps_per_backward: int = 0
     """Back-propagate the trajectory's steps in groups of this many (less activation memory, same gradient);
     0: all steps in one batched pass."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference added to the loss: the mean over trained steps and images of each DDIM
+    transition's KL(policy || reference) (per-pixel mean, DPOK's regulariser). 0: off, as in the D3PO / DDPO papers;
+    the KL is logged either way."""
 
     def check(self) -> None:
         """Raise a ValueError naming the bad value."""
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
         if self.eta <= 0:
             raise ValueError(f"eta must be > 0 (the log-probabilities need stochastic DDIM steps), got {self.eta}.")
         if not 0 < self.timestep_fraction <= 1:

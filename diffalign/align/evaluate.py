@@ -1,4 +1,4 @@
-"""Evaluation of (aligned) models: mean reward and FID on a fixed set of (prompt, seed) pairs.
+"""Evaluation of (aligned) models: mean reward, FID and KL to the base model on a fixed set of (prompt, seed) pairs.
 
 The set depends only on ``seed`` and ``num_images`` (prompts cycle through the class names, or through the given
 prompts; the initial noise comes from one generator seeded with ``seed``), so two models are compared on the
@@ -15,7 +15,14 @@ import torch
 
 from .policy import ALIGNMENT_FILE, Policy
 from .rewarding import build_reward, score
-from .trajectory import generate
+from .trajectory import (
+    ddim_scheduler,
+    generate,
+    sample_trajectories,
+    step_kl,
+    step_transitions,
+    stochastic_steps,
+)
 
 
 def base_model_name(model: str) -> str:
@@ -84,3 +91,28 @@ def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: fl
     images, _ = eval_images(model, num_images, seed, guidance, sampler, steps, device=device)
     fid.add(images)
     return fid.compute()
+
+
+@torch.no_grad()
+def evaluate_kl(model: str, num_images: int = 16, seed: int = 0, guidance: float = 1.0, num_steps: int = 20,
+                eta: float = 1.0, device: str = "cpu") -> float:
+    """How far a trained model has moved from its base: the mean, over the stochastic steps of ``num_images``
+    DDIM trajectories (``num_steps`` steps, ``eta``) sampled with ``model``, of each step's KL(model || base)
+    (:func:`~diffalign.align.trajectory.step_kl`, per-pixel mean; what ``kl_coef`` penalises and D3PO logs as
+    ``kl``)."""
+    from ..pipelines.class_conditional import load_pipeline
+
+    base = base_model_name(model)
+    if base == model:
+        raise ValueError(f"{model!r} is not a training output directory or checkpoint; its KL to itself is 0.")
+    policy, reference = Policy(load_pipeline(model, device=device)), Policy(load_pipeline(base, device=device))
+    sched = ddim_scheduler(policy, num_steps, eta)
+    names = policy.training_prompts(None)
+    cond = policy.encode([names[i % len(names)] for i in range(num_images)])
+    gen = torch.Generator().manual_seed(seed)
+    traj = sample_trajectories(policy, sched, cond, torch.randn((num_images, *policy.latent_shape), generator=gen),
+                               guidance, gen)
+    steps = stochastic_steps(sched)
+    mean_p, stds = step_transitions(policy, sched, traj.latents, steps, cond, guidance)
+    mean_ref, _ = step_transitions(reference, sched, traj.latents, steps, cond, guidance)
+    return float(step_kl(mean_p, mean_ref, stds).mean())

@@ -16,6 +16,14 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Te
     return log_density.flatten(1).mean(1)
 
 
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per pixel, averaged over all but the batch dimension (the
+    convention of :func:`gaussian_log_prob`): ``mean((mean_p - mean_q)^2) / (2 std^2)``, [N]. ``mean_q`` (the
+    reference) is held constant."""
+    std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
+    return (((mean_p - mean_q.detach()) ** 2) / (2 * std**2)).flatten(1).mean(1)
+
+
 def d3po_loss(log_ratio_0: torch.Tensor, log_ratio_1: torch.Tensor, preference: torch.Tensor, beta: float = 0.1,
               clip: float = 0.1) -> torch.Tensor:
     """D3PO's per-step DPO loss (Yang et al. 2024, Eq. 11 with the code's ratio clamp), elementwise.

@@ -10,7 +10,7 @@ import torch
 
 from ..samplers import make_scheduler
 from ..samplers.ddim import DDIMScheduler
-from .losses import gaussian_log_prob
+from .losses import gaussian_kl, gaussian_log_prob
 from .policy import Policy
 
 
@@ -73,24 +73,50 @@ def sample_trajectories(policy: Policy, sched: DDIMScheduler, cond: torch.Tensor
     return Trajectories(torch.stack(latents, 1), torch.stack(log_probs, 1))
 
 
-def step_log_probs(policy: Policy, sched: DDIMScheduler, latents: torch.Tensor, steps: Sequence[int],
-                   cond: torch.Tensor, guidance: float = 1.0, reference: bool = False) -> torch.Tensor:
-    """log-probabilities [N, K] of the stored transitions ``latents[:, i] -> latents[:, i + 1]`` for the K step
-    indices ``steps`` (each a stochastic step), under the policy (differentiable) or the reference, in one batched
-    model call."""
+def step_transitions(policy: Policy, sched: DDIMScheduler, latents: torch.Tensor, steps: Sequence[int],
+                     cond: torch.Tensor, guidance: float = 1.0, reference: bool = False
+                     ) -> tuple[torch.Tensor, list[float]]:
+    """Means [N, K, ...] and standard deviations (K floats) of the Gaussian DDIM transitions out of the stored
+    states ``latents[:, i]`` for the K stochastic step indices ``steps``, under the policy (differentiable) or the
+    reference, in one batched model call."""
     n, k = latents.shape[0], len(steps)
     idx = torch.as_tensor(list(steps), device=latents.device)
     x = latents[:, idx].flatten(0, 1)
     t = sched.timesteps[idx.to(sched.timesteps.device)].to(latents.device).repeat(n)
     out = policy.predict(x, t, cond.repeat_interleave(k, 0), guidance, reference=reference)
     out, x = out.unflatten(0, (n, k)), x.unflatten(0, (n, k))
-    result = []
+    means, stds = [], []
     for j, i in enumerate(steps):
         mean, std = sched.transition(out[:, j], x[:, j], int(i))
         if std <= 0:
             raise ValueError(f"step {i} is deterministic (std 0); it has no log-probability.")
-        result.append(gaussian_log_prob(latents[:, int(i) + 1], mean, std))
-    return torch.stack(result, 1)
+        means.append(mean)
+        stds.append(float(std))
+    return torch.stack(means, 1), stds
+
+
+def transition_log_probs(latents: torch.Tensor, steps: Sequence[int], means: torch.Tensor, stds: Sequence[float]
+                         ) -> torch.Tensor:
+    """log-probabilities [N, K] of the stored transitions ``latents[:, i] -> latents[:, i + 1]`` under the
+    Gaussians of :func:`step_transitions`."""
+    return torch.stack([gaussian_log_prob(latents[:, int(i) + 1], means[:, j], stds[j])
+                        for j, i in enumerate(steps)], 1)
+
+
+def step_log_probs(policy: Policy, sched: DDIMScheduler, latents: torch.Tensor, steps: Sequence[int],
+                   cond: torch.Tensor, guidance: float = 1.0, reference: bool = False) -> torch.Tensor:
+    """log-probabilities [N, K] of the stored transitions ``latents[:, i] -> latents[:, i + 1]`` for the K step
+    indices ``steps`` (each a stochastic step), under the policy (differentiable) or the reference, in one batched
+    model call."""
+    means, stds = step_transitions(policy, sched, latents, steps, cond, guidance, reference)
+    return transition_log_probs(latents, steps, means, stds)
+
+
+def step_kl(policy_means: torch.Tensor, reference_means: torch.Tensor, stds: Sequence[float]) -> torch.Tensor:
+    """KL(policy || reference) [N, K] of each step's Gaussian transition (:func:`~diffalign.align.losses.gaussian_kl`),
+    the per-step terms whose sum bounds the KL of the final images (DPOK, Fan et al., NeurIPS 2023)."""
+    return torch.stack([gaussian_kl(policy_means[:, j], reference_means[:, j], std)
+                        for j, std in enumerate(stds)], 1)
 
 
 @torch.no_grad()

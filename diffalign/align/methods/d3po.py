@@ -25,8 +25,10 @@ from ..trajectory import (
     pick_steps,
     sample_trajectories,
     step_groups,
-    step_log_probs,
+    step_kl,
+    step_transitions,
     stochastic_steps,
+    transition_log_probs,
 )
 
 PAIRS_META = "pairs.json"
@@ -104,13 +106,18 @@ class D3PO:
         p = batch["latents"].shape[0]
         latents = torch.cat([batch["latents"][:, 0], batch["latents"][:, 1]])
         cond = torch.cat([batch["cond"], batch["cond"]])
-        log_p = step_log_probs(self.policy, self.sched, latents, steps, cond, self.guidance)
-        log_ref = step_log_probs(self.policy, self.sched, latents, steps, cond, self.guidance, reference=True)
-        ratio = log_p - log_ref
+        mean_p, stds = step_transitions(self.policy, self.sched, latents, steps, cond, self.guidance)
+        mean_ref, _ = step_transitions(self.policy, self.sched, latents, steps, cond, self.guidance, reference=True)
+        ratio = transition_log_probs(latents, steps, mean_p, stds) - transition_log_probs(latents, steps, mean_ref,
+                                                                                           stds)
         h = batch["preference"][:, None].expand(p, len(steps))
         loss = d3po_loss(ratio[:p], ratio[p:], h, self.cfg.beta, self.cfg.clip).mean()
+        kl = step_kl(mean_p, mean_ref, stds).mean()
+        if self.cfg.kl_coef:
+            loss = loss + self.cfg.kl_coef * kl
         acc = implicit_accuracy(ratio[:p].detach(), ratio[p:].detach(), h)
-        return loss, {"implicit_acc": float(acc), "log_ratio_abs": float(ratio.detach().abs().mean())}
+        return loss, {"implicit_acc": float(acc), "log_ratio_abs": float(ratio.detach().abs().mean()),
+                      "kl": float(kl.detach())}
 
 
 # ---------------------------------------------------------------------- human labels

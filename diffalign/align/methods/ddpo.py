@@ -17,8 +17,10 @@ from ..trajectory import (
     pick_steps,
     sample_trajectories,
     step_groups,
-    step_log_probs,
+    step_kl,
+    step_transitions,
     stochastic_steps,
+    transition_log_probs,
 )
 
 
@@ -68,10 +70,19 @@ class DDPO:
         return step_groups(batch["steps"], self.cfg.steps_per_backward)
 
     def loss(self, batch: dict, steps: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        log_p = step_log_probs(self.policy, self.sched, batch["latents"], steps, batch["cond"], self.cfg.guidance)
+        latents, cond = batch["latents"], batch["cond"]
+        mean_p, stds = step_transitions(self.policy, self.sched, latents, steps, cond, self.cfg.guidance)
+        log_p = transition_log_probs(latents, steps, mean_p, stds)
         log_ratio = log_p - batch["log_probs"][:, steps].to(log_p.dtype)
         adv = batch["advantages"][:, None].expand_as(log_ratio)
         loss = ddpo_loss(log_ratio, adv, self.cfg.clip_range).mean()
         clipped = (log_ratio.detach().exp() - 1).abs() > self.cfg.clip_range
-        return loss, {"clip_fraction": float(clipped.float().mean()),
-                      "log_ratio_abs": float(log_ratio.detach().abs().mean())}
+        stats = {"clip_fraction": float(clipped.float().mean()),
+                 "log_ratio_abs": float(log_ratio.detach().abs().mean())}
+        if self.cfg.kl_coef:  # the reference pass costs one more model call per step, so only when it is used
+            mean_ref, _ = step_transitions(self.policy, self.sched, latents, steps, cond, self.cfg.guidance,
+                                           reference=True)
+            kl = step_kl(mean_p, mean_ref, stds).mean()
+            loss = loss + self.cfg.kl_coef * kl
+            stats["kl"] = float(kl.detach())
+        return loss, stats
