@@ -96,6 +96,35 @@ def test_pipeline_accepts_any_scheduler_and_round_trips(digits_pipe, tmp_path):
     assert torch.isfinite(run(loaded)).all()
 
 
+def test_pipeline_applies_the_models_shipped_sampler_data(digits_pipe, tmp_path):
+    """A diffalign scheduler swapped into a built-in pipeline gets the model's shipped data (here DPM-Solver-v3's
+    guided statistics) as `diffalign sample` does, unless its config sets its own or the call turns it off."""
+    from diffalign.models.sampler_data import model_sampler_overrides
+    from diffalign.samplers import DPMSolverV3Scheduler, make_scheduler
+
+    def run(pipe, **kwargs):
+        return pipe(class_labels=[4, 5], guidance_scale=7.5, num_inference_steps=6, output_type="pt",
+                    generator=torch.Generator().manual_seed(1), **kwargs).images
+
+    pipe = ClassConditionalPipeline(**digits_pipe.components, class_names=digits_pipe.config.class_names,
+                                    model_name="builtin:digits")
+    pipe.set_progress_bar_config(disable=True)
+    assert digits_pipe.config.model_name == "builtin:digits"
+    config = digits_pipe.scheduler.config
+    pipe.scheduler = DPMSolverV3Scheduler.from_config(config)
+    shipped = run(pipe)
+    plain = run(pipe, shipped_sampler_data=False)
+    overrides = model_sampler_overrides("builtin:digits", "dpm-solver-v3", 7.5)
+    assert overrides["ems_path"].endswith("builtin_digits") and overrides["guidance_scale"] == 7.5
+    pipe.scheduler = make_scheduler("dpm-solver-v3", config, **overrides)
+    explicit = run(pipe, shipped_sampler_data=False)
+    torch.testing.assert_close(shipped, explicit)
+    assert (shipped - plain).abs().max() > 1e-3
+    assert pipe.sampling_scheduler(7.5) is pipe.scheduler  # everything already set: used as it is
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert load_pipeline(str(tmp_path / "pipe")).config.model_name == "builtin:digits"
+
+
 def test_load_model_predict_and_guidance():
     from diffalign.sampling import sample_images
 

@@ -50,15 +50,24 @@ def sampler_overrides(named_model, name: str, guidance: float, searched: bool = 
       they were searched for (``timesteps_missing="default"``: other step counts keep the default grid). DC-Solver's
       ratios were calibrated on the default grid, so DC-Solver keeps it.
     """
+    table = getattr(named_model, "sampler_overrides", None) or {}
+    return _overrides(table, getattr(named_model, "name", ""), name, guidance, searched)
+
+
+def model_sampler_overrides(model: str, name: str, guidance: float, searched: bool = True) -> dict:
+    """:func:`sampler_overrides` for a model known by its name only (a pipeline's ``model_name``)."""
+    return _overrides(shipped_overrides(model), model, name, guidance, searched)
+
+
+def _overrides(table: dict, model: str, name: str, guidance: float, searched: bool) -> dict:
     from ..samplers import get_scheduler_class
 
-    table = getattr(named_model, "sampler_overrides", None) or {}
     overrides = dict(table.get(name) or table.get(name.removeprefix("dualfast:")) or {})
     if name.startswith("diffusers:"):
         return overrides
     if "guidance_scale" in inspect.signature(get_scheduler_class(name).__init__).parameters:
         overrides["guidance_scale"] = float(guidance)
-    path = schedule_file(getattr(named_model, "name", ""), name, guidance)
+    path = schedule_file(model, name, guidance)
     if searched and path.is_file() and "dc_ratios_path" not in overrides and "cpr_path" not in overrides:
         overrides.update(timesteps_path=str(path), timesteps_missing="default")
     return overrides

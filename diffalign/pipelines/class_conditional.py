@@ -30,7 +30,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     Components: ``unet`` (epsilon/v/sample prediction, ``num_class_embeds = len(class_names) + 1``; the last class
     index is the null class used for classifier-free guidance) and ``scheduler`` (any diffusers or diffalign
-    scheduler). Config: ``class_names`` (prompts) and ``class_aliases`` (extra prompt -> index entries).
+    scheduler). Config: ``class_names`` (prompts), ``class_aliases`` (extra prompt -> index entries) and
+    ``model_name`` (a registered model, e.g. ``"builtin:fashion"``, whose shipped sampler data apply: see
+    :meth:`sampling_scheduler`).
     """
 
     model_cpu_offload_seq = "unet"
@@ -55,18 +57,50 @@ class ClassConditionalPipeline(DiffusionPipeline):
             parts[name] = component_cls.from_pretrained(str(path), subfolder=name, **extra)
         class_names = kwargs.pop("class_names", index.get("class_names"))
         class_aliases = kwargs.pop("class_aliases", index.get("class_aliases"))
+        model_name = kwargs.pop("model_name", index.get("model_name"))
         if kwargs:
             raise TypeError(f"unexpected arguments for a local ClassConditionalPipeline: {sorted(kwargs)}")
-        return cls(**parts, class_names=class_names, class_aliases=class_aliases)
+        return cls(**parts, class_names=class_names, class_aliases=class_aliases, model_name=model_name)
 
     def __init__(self, unet, scheduler, class_names: list[str] | None = None,
-                 class_aliases: dict[str, int] | None = None):
+                 class_aliases: dict[str, int] | None = None, model_name: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         n = getattr(unet.config, "num_class_embeds", None)
         if class_names is None and n:
             class_names = [str(i) for i in range(n - 1)]
-        self.register_to_config(class_names=list(class_names or []), class_aliases=dict(class_aliases or {}))
+        self.register_to_config(class_names=list(class_names or []), class_aliases=dict(class_aliases or {}),
+                                model_name=model_name)
+        self._shipped: tuple | None = None
+
+    def sampling_scheduler(self, guidance_scale: float = 1.0):
+        """The scheduler a call samples with: ``self.scheduler``, completed with the shipped data of
+        ``config.model_name`` for its sampler at ``guidance_scale`` (DPM-Solver-v3 statistics, DC-Solver ratios,
+        searched time steps; :func:`~diffalign.models.sampler_data.sampler_overrides`) where its config leaves
+        them unset, so that ``pipe.scheduler = DPMSolverV3Scheduler.from_config(pipe.scheduler.config)`` samples
+        as ``diffalign sample`` does. Values set in the scheduler's config are kept; ``guidance_scale`` follows the
+        call."""
+        from ..models.sampler_data import model_sampler_overrides
+        from ..samplers import SAMPLERS
+
+        sched, model = self.scheduler, getattr(self.config, "model_name", None)
+        sampler = next((name for name, cls in SAMPLERS.items() if type(sched) is cls), None)
+        if not model or sampler is None:
+            return sched
+        config = {k: v for k, v in sched.config.items() if not k.startswith("_")}  # no _use_default_values
+        overrides = model_sampler_overrides(model, sampler, guidance_scale)
+        if config.get("timesteps_path") is not None:  # ratios calibrated on the default grid do not apply to theirs
+            overrides = {k: v for k, v in overrides.items() if k not in ("dc_ratios_path", "cpr_path")}
+        updates = {k: v for k, v in overrides.items()
+                   if (k == "guidance_scale" or config.get(k) is None) and config.get(k) != v}
+        if "timesteps_path" not in updates:
+            updates.pop("timesteps_missing", None)
+        if not updates:
+            return sched
+        key = (id(sched), tuple(sorted((k, str(v)) for k, v in updates.items())))
+        if self._shipped is None or self._shipped[0] != key:
+            self._shipped = (key, type(sched).from_config({**config, **updates}))
+        return self._shipped[1]
 
     @property
     def null_label(self) -> int:
@@ -108,6 +142,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
+        shipped_sampler_data: bool = True,
     ):
         """Generate images.
 
@@ -121,6 +156,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             generator: torch generator(s) for the initial noise (and stochastic schedulers).
             output_type: ``"pil"``, ``"np"`` (NHWC float in [0, 1]) or ``"pt"`` (NCHW float in [0, 1]).
             latents: initial noise (unit variance) instead of drawing it.
+            shipped_sampler_data: complete the scheduler with the model's shipped sampler data
+                (:meth:`sampling_scheduler`); False samples with ``self.scheduler`` exactly as configured.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
@@ -140,20 +177,21 @@ class ClassConditionalPipeline(DiffusionPipeline):
         guided = labels is not None and guidance_scale != 1.0
         unet_labels = torch.cat([cond, null]) if guided else cond
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        x = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        sched = self.sampling_scheduler(guidance_scale if guided else 1.0) if shipped_sampler_data else self.scheduler
+        sched.set_timesteps(num_inference_steps, device=device)
+        x = latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
         step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
+        if "generator" in inspect.signature(sched.step).parameters:
             step_kwargs["generator"] = generator
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(x, t)
+        for t in self.progress_bar(sched.timesteps):
+            model_in = sched.scale_model_input(x, t)
             if guided:
                 model_in = torch.cat([model_in, model_in])
             out = self.unet(model_in, t, class_labels=unet_labels).sample
             if guided:
                 c, u = out.chunk(2)
                 out = u + guidance_scale * (c - u)
-            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
 
         images = (x.float() / 2 + 0.5).clamp(0, 1)
         self.maybe_free_model_hooks()
@@ -174,7 +212,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
 
 def builtin_pipeline(name: str, device: str | torch.device = "cpu", scheduler: str = "dpm-solver++"):
-    """The shipped model ``builtin:<name>`` as a :class:`ClassConditionalPipeline` (DPM-Solver++ by default)."""
+    """The shipped model ``builtin:<name>`` as a :class:`ClassConditionalPipeline` (DPM-Solver++ by default); its
+    ``model_name`` makes the shipped sampler data apply to whichever diffalign scheduler it is given."""
     from ..models.builtin import builtin_spec, load_builtin_scheduler_config, load_builtin_unet
     from ..samplers import make_scheduler
 
@@ -182,7 +221,7 @@ def builtin_pipeline(name: str, device: str | torch.device = "cpu", scheduler: s
     unet = load_builtin_unet(spec.name)
     sched = make_scheduler(scheduler, load_builtin_scheduler_config(spec.name))
     pipe = ClassConditionalPipeline(unet=unet, scheduler=sched, class_names=list(spec.class_names),
-                                    class_aliases=dict(spec.aliases))
+                                    class_aliases=dict(spec.aliases), model_name=f"builtin:{spec.name}")
     pipe.set_progress_bar_config(disable=None)
     return pipe.to(device)
 
