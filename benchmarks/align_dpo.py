@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint-minutes", type=float, default=1.0)
     p.add_argument("--fid-images", type=int, default=1000)
     p.add_argument("--eval-images", type=int, default=64)
+    p.add_argument("--kl-images", type=int, default=16, help="trajectories for each checkpoint's KL to the base")
     p.add_argument("--out", required=True)
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "--lr", str(args.lr), "--guidance", "1", "--set", f"data={json.dumps(args.data)}",
                         "--checkpoint-minutes", str(args.checkpoint_minutes), "--out", f"{args.out}/{method}_{reward}",
                         "--fid-images", str(args.fid_images), "--eval-images", str(args.eval_images),
+                        "--kl-images", str(args.kl_images),
                         "--base-fid", str(base_fid), "--json", str(record_path)]
             for s in sets:
                 run_args += ["--set", s]

@@ -20,7 +20,7 @@ CHILD = """
 import json, resource, sys, torch
 import diffalign
 from diffalign.align import LoraSettings, Policy, config_for, train
-model, reference, out = sys.argv[1], sys.argv[2], sys.argv[3]
+model, reference, out, steps, pairs, ddim_steps = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
 
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
@@ -33,8 +33,9 @@ nets = [policy.unet] + ([policy._reference_unet] if policy._reference_unet is no
 weights_mb = sum(t.numel() * t.element_size() for net in nets for t in net.state_dict().values()) / 2**20
 del policy, pipe, nets
 prompts = ["a photo of a cat", "a red dog"] if not model.startswith("builtin:") else None
-cfg = config_for("d3po", overrides={"model": model, "reward": "brightness", "reference": reference, "max_steps": 3,
-                                    "pairs_per_step": 4, "guidance": 1.0, "prompts": prompts, "checkpoint_every": 0})
+cfg = config_for("d3po", overrides={"model": model, "reward": "brightness", "reference": reference, "max_steps": steps,
+                                    "pairs_per_step": pairs, "num_steps": ddim_steps, "guidance": 1.0,
+                                    "prompts": prompts, "checkpoint_every": 0})
 result = train("d3po", cfg, out, progress=False)
 unet = result.policy.unet
 cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -48,6 +49,9 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
+    p.add_argument("--max-steps", type=int, default=3, help="D3PO optimizer steps per configuration")
+    p.add_argument("--pairs-per-step", type=int, default=4)
+    p.add_argument("--num-steps", type=int, default=20, help="DDIM steps per trajectory")
     args = p.parse_args()
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +62,8 @@ def main() -> None:
         for label, model in (("builtin:fashion", "builtin:fashion"), ("tiny Stable Diffusion", str(tiny))):
             for reference in ("adapter", "copy"):
                 out = Path(tmp) / f"run-{len(records)}"
-                proc = subprocess.run([sys.executable, "-c", CHILD, model, reference, str(out)], capture_output=True,
+                proc = subprocess.run([sys.executable, "-c", CHILD, model, reference, str(out), str(args.max_steps),
+                                       str(args.pairs_per_step), str(args.num_steps)], capture_output=True,
                                       text=True, check=True)
                 rec = {"model": label, "reference": reference, **json.loads(proc.stdout.strip().splitlines()[-1])}
                 records.append(rec)

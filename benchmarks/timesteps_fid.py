@@ -4,6 +4,7 @@ default grid, on Align Your Steps' timesteps and on the grid searched by ``bench
     python benchmarks/timesteps_fid.py
 """
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,9 @@ SEARCHED = Path(__file__).parent / "results" / "timesteps_builtin_fashion" / "un
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-images", type=int, default=1000)
+    args = p.parse_args()
     named = load_model("builtin:fashion")
     features, stats = get_features("classifier:builtin:fashion"), weights_dir("fashion") / "fid_stats.safetensors"
     sched = make_scheduler("unipc", named.scheduler_config)
@@ -27,7 +31,7 @@ def main() -> None:
     for label, overrides in [("default grid", {}), ("AYS timesteps", {"timesteps_path": str(ays)}),
                              ("searched grid", {"timesteps_path": str(SEARCHED)})]:
         named.sampler_overrides = {"unipc": overrides}
-        result = fid_of_model(named, "unipc", 5, 1000, features, stats, 1.0, 0, progress=False)
+        result = fid_of_model(named, "unipc", 5, args.num_images, features, stats, 1.0, 0, progress=False)
         print(f"unipc NFE 5, {label}: FID {result['fid']:.4f}")
 
 
