@@ -179,6 +179,8 @@ def run(command: str, cwd: Path) -> None:
     doc_env, written = split_env(command)
     argv = shrink(written)
     prepare(command, cwd)
+    if doc_env and argv[0] != "bash":
+        raise AssertionError(f"`{command}`: environment assignments are supported for bash scripts only")
     if argv[0] == "diffalign":
         from diffalign.cli import main
 
@@ -192,8 +194,6 @@ def run(command: str, cwd: Path) -> None:
             assert not err.code, f"`{command}` exited with {err.code}"
         finally:
             sys.argv = saved
-    elif doc_env:
-        raise AssertionError(f"`{command}`: environment assignments are supported for bash scripts only")
     elif argv[0] == "bash" and argv[1].startswith("benchmarks/"):
         env = {**os.environ, **doc_env, **ENV.get(_key(written, ENV), {}),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
