@@ -92,19 +92,21 @@ def main(argv: list[str] | None = None) -> dict:
     fid_final = fid(str(out))
     curve[0]["fid"], curve[-1]["fid"] = fid_base, fid_final
     final = curve[-1]
-    gain = {id(c): (c["reward_mean"] - base["reward_mean"]) / base["reward_std"] for c in curve}
+    def gain(point: dict) -> float:  # the reward's change in standard deviations of the base model's reward
+        return (point["reward_mean"] - base["reward_mean"]) / base["reward_std"]
+
     bounded = [c for c in curve if c.get("fid") is not None and c["fid"] <= args.fid_bound * fid_base]
-    best = max(bounded, key=lambda c: gain[id(c)])
+    best = max(bounded, key=gain)
     record = {
         "method": args.method, "model": args.model, "reward": args.reward, "minutes": args.minutes,
         "config": {k: v for k, v in json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)).items()},
         "eval": ev, "quality_reward": args.quality_reward, "curve": curve,
         "base": {**base, "fid": fid_base}, "final": {**final, "fid": fid_final},
-        "reward_gain_in_base_sd": (final["reward_mean"] - base["reward_mean"]) / base["reward_std"],
+        "reward_gain_in_base_sd": gain(final),
         "fid_ratio": fid_final / fid_base, "optimizer_steps": metrics[-1]["step"],
         "fid_bound": args.fid_bound,
         "best_within_fid_bound": {"step": best["step"], "wall_s": best["wall_s"], "fid_ratio": best["fid"] / fid_base,
-                                  "reward_gain_in_base_sd": gain[id(best)]},
+                                  "reward_gain_in_base_sd": gain(best)},
         "train_wall_s": metrics[-1]["wall_s"], "eval_seconds": time.perf_counter() - t0,
         "command": "python benchmarks/align.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -33,6 +33,16 @@ def base_model_name(model: str) -> str:
     return json.loads(state.read_text())["model"] if state.is_file() else model
 
 
+def eval_set(policy: Policy, num_images: int, seed: int, prompts: Sequence[str] | None = None
+             ) -> tuple[list[str], torch.Tensor, torch.Generator]:
+    """The fixed evaluation set: prompts cycling through ``prompts`` (default: the class names), the initial noise
+    [N, ...], and the generator (seeded with ``seed``, after drawing the noise) for the sampling noise."""
+    names = policy.training_prompts(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((num_images, *policy.latent_shape), generator=gen)
+    return [names[i % len(names)] for i in range(num_images)], x_T, gen
+
+
 def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float = 1.0, sampler: str = "dpm-solver++",
                 steps: int = 20, prompts: Sequence[str] | None = None, device: str = "cpu",
                 batch_size: int = 256) -> tuple[torch.Tensor, list[str]]:
@@ -42,10 +52,7 @@ def eval_images(model: str, num_images: int = 64, seed: int = 0, guidance: float
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
     policy = Policy(load_pipeline(model, device=device))
-    names = policy.training_prompts(prompts)
-    chosen = [names[i % len(names)] for i in range(num_images)]
-    gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((num_images, *policy.latent_shape), generator=gen)
+    chosen, x_T, gen = eval_set(policy, num_images, seed, prompts)
     images = generate(policy, chosen, x_T, sampler, steps, guidance, generator=gen, batch_size=batch_size)
     return images, chosen
 
@@ -107,11 +114,9 @@ def evaluate_kl(model: str, num_images: int = 16, seed: int = 0, guidance: float
         raise ValueError(f"{model!r} is not a training output directory or checkpoint; its KL to itself is 0.")
     policy, reference = Policy(load_pipeline(model, device=device)), Policy(load_pipeline(base, device=device))
     sched = ddim_scheduler(policy, num_steps, eta)
-    names = policy.training_prompts(None)
-    cond = policy.encode([names[i % len(names)] for i in range(num_images)])
-    gen = torch.Generator().manual_seed(seed)
-    traj = sample_trajectories(policy, sched, cond, torch.randn((num_images, *policy.latent_shape), generator=gen),
-                               guidance, gen)
+    chosen, x_T, gen = eval_set(policy, num_images, seed)
+    cond = policy.encode(chosen)
+    traj = sample_trajectories(policy, sched, cond, x_T, guidance, gen)
     steps = stochastic_steps(sched)
     mean_p, stds = step_transitions(policy, sched, traj.latents, steps, cond, guidance)
     mean_ref, _ = step_transitions(reference, sched, traj.latents, steps, cond, guidance)
