@@ -52,7 +52,7 @@ def _bench(args) -> None:
     from .eval.sampler_bench import bench_samplers, report
     from .models.registry import load_model
 
-    named = load_model(args.model, device=args.device)
+    named = load_model(args.model, device=args.device, prompts=args.prompts)
     records = bench_samplers(named, [s for s in args.samplers.split(",") if s], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, seed=args.seed, device=args.device,
                              progress=not args.quiet, grids=tuple(g for g in args.grids.split(",") if g),
@@ -64,10 +64,11 @@ def _calibrate_timesteps(args) -> None:
     from .models.registry import load_model
     from .samplers.timesteps import schedule_fingerprint, search_schedule, write_entry
 
-    named = load_model(args.model, device=args.device)
+    named = load_model(args.model, device=args.device, prompts=args.prompts)
     state = Path(str(args.out) + ".search.json")  # the best grid so far: a rerun resumes from it
     entry = search_schedule(named, args.sampler, args.nfe, args.guidance, args.num_noises, args.seed, args.minutes,
-                            args.method, device=args.device, progress=not args.quiet, state_path=state)
+                            args.method, device=args.device, progress=not args.quiet, state_path=state,
+                            reference_steps=args.reference_steps)
     from .samplers import make_scheduler
 
     schedule = schedule_fingerprint(make_scheduler(args.sampler, named.scheduler_config).config)
@@ -91,7 +92,7 @@ def _calibrate_dc(args) -> None:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    named = load_model(args.model, device=args.device)
+    named = load_model(args.model, device=args.device, prompts=args.prompts)
     entry = calibrate_dc_solver_model(named, args.steps, args.guidance, args.num_datapoints, args.seed, args.iters,
                                       args.lr, args.bound, overrides, device=args.device, progress=not args.quiet)
     path = write_ratio_entry(args.out, entry, model=args.model)
@@ -112,7 +113,7 @@ def _ems_compute(args) -> None:
     from .models.registry import load_model
     from .samplers.ems import compute_model_ems
 
-    named = load_model(args.model, device=args.device)
+    named = load_model(args.model, device=args.device, prompts=args.prompts)
     ems = compute_model_ems(named, args.num_datapoints, args.grid, guidance=args.guidance, datapoints=args.datapoints,
                             out=args.out, seed=args.seed, device=args.device, num_probes=args.num_probes,
                             batch_size=args.batch_size, progress=not args.quiet, network=args.network,
@@ -309,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="what", required=True)
     bs = bsub.add_parser("samplers", help="sampler error (MSE vs a reference solution) at several NFE")
-    bs.add_argument("--model", default="reference:digits")
+    _model_arguments(bs, "reference:digits")
     bs.add_argument("--samplers", default="ddim,dpm-solver,dpm-solver++,pndm")
     bs.add_argument("--nfe", default="5,10,20")
     bs.add_argument("--guidance", type=float, default=1.0)
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="offline sampler calibration (DC-Solver ratios, CPR)")
     csub = c.add_subparsers(dest="what", required=True)
     cd = csub.add_parser("dc-solver", help="search DC-Solver's compensation ratios against a ground truth")
-    cd.add_argument("--model", default="reference:digits")
+    _model_arguments(cd, "reference:digits")
     cd.add_argument("--steps", type=int, required=True, help="number of steps (NFE) to calibrate for")
     cd.add_argument("--guidance", type=float, default=1.0)
     cd.add_argument("--num-datapoints", type=int, default=10)
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--config", action="append", metavar="KEY=VALUE", help="scheduler config override (repeatable)")
     cd.set_defaults(func=_calibrate_dc)
     ct = csub.add_parser("timesteps", help="search a sampler's time steps for one model, NFE and guidance")
-    ct.add_argument("--model", default="builtin:fashion")
+    _model_arguments(ct, "builtin:fashion")
     ct.add_argument("--sampler", default="dpm-solver++")
     ct.add_argument("--nfe", type=int, required=True, help="model evaluations per sample")
     ct.add_argument("--guidance", type=float, default=1.0)
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Powell's local search or differential evolution")
     ct.add_argument("--num-noises", type=int, default=32, help="noises the error is measured on")
     ct.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
+    ct.add_argument("--reference-steps", type=int, default=500,
+                    help="steps of the DPM-Solver++(3M) reference solution (fewer for an expensive model)")
     ct.set_defaults(func=_calibrate_timesteps)
     cc = csub.add_parser("cpr", help="fit the cascade polynomial regression to calibrated ratio files")
     cc.add_argument("--inputs", required=True, help="comma-separated ratio JSON files")
@@ -357,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("ems", help="empirical model statistics (EMS) for dpm-solver-v3")
     esub = e.add_subparsers(dest="what", required=True)
     ec = esub.add_parser("compute", help="estimate the EMS of a model (resumable; writes ems.safetensors + ems.json)")
-    ec.add_argument("--model", default="reference:digits")
+    _model_arguments(ec, "reference:digits")
     ec.add_argument("--guidance", type=float, default=1.0, help="guided EMS (labels from the datapoints) when != 1")
     ec.add_argument("--num-datapoints", type=int, default=1024, help="K: datapoints per grid point")
     ec.add_argument("--grid", type=int, default=1000, help="N: N + 1 points uniform in lambda")
@@ -490,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
     _document(p)
     return p
 
+
+
+def _model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--model`` (a registry name, a diffusers pipeline directory or a hub id) and ``--prompt``."""
+    parser.add_argument("--model", default=default)
+    parser.add_argument("--prompt", action="append", default=None, dest="prompts",
+                        help="a text-to-image model's prompt (repeatable; labels cycle through them)")
 
 def _document(parser: argparse.ArgumentParser) -> None:
     """Every option's help shows its default; ``--sampler`` and ``--model`` list the valid names."""

@@ -97,13 +97,22 @@ def test_the_parametrisation_is_a_strictly_decreasing_grid_and_inverts():
 @pytest.mark.parametrize("method", ["evolution", "powell"])
 def test_a_short_search_beats_the_default_and_logsnr_grids_on_the_closed_form_model(method, tmp_path):
     named = load_model("reference:digits")
-    entry = search_schedule(named, "dpm-solver++", 5, num_noises=8, minutes=0.1, method=method, progress=False,
+    entry = search_schedule(named, "dpm-solver++", 5, num_noises=8, minutes=0.2, method=method, progress=False,
                             state_path=tmp_path / "state.json")
     assert entry["mse"] < 0.8 * min(entry["mse_default"], entry["mse_logsnr_uniform"])
     assert json.loads((tmp_path / "state.json").read_text())["loss"] <= entry["mse_default"]
     sched = make_scheduler("dpm-solver++", named.scheduler_config)
     sched.set_timesteps(sigmas=entry["sigmas"])
     assert len(sched.timesteps) == 5
+
+
+@pytest.mark.parametrize("method", ["powell", "evolution"])
+def test_a_spent_budget_stops_the_search_at_the_next_evaluation(method):
+    # the budget runs out while the starting grids are evaluated: the result is the best of them, not one more
+    # optimiser iteration (Powell used to finish a whole sweep over every coordinate first)
+    named = load_model("reference:digits")
+    entry = search_schedule(named, "dpm-solver++", 6, num_noises=4, minutes=1e-5, method=method, progress=False)
+    assert entry["mse"] == min(entry["mse_default"], entry["mse_logsnr_uniform"], entry["mse_ays"])
 
 
 def test_search_refuses_what_it_cannot_search():

@@ -40,12 +40,14 @@ REFERENCE_STEPS = 500
 
 
 def reference_solution(named_model, x_T: torch.Tensor, labels: torch.Tensor | None, guidance: float,
-                       device: str = "cpu") -> tuple[torch.Tensor, float]:
-    """(x_ref, sigma_start): the exact ODE solution for closed-form models, else a 500-step DPM-Solver++(3M)
-    solution in float64 (DESIGN: >= 500-step third-order multistep), from the samplers' common first sigma."""
+                       device: str = "cpu", steps: int | None = None) -> tuple[torch.Tensor, float]:
+    """(x_ref, sigma_start): the exact ODE solution for closed-form models, else a ``steps``-step (default 500)
+    DPM-Solver++(3M) solution in float64 (DESIGN: >= 500-step third-order multistep), from the samplers' common
+    first sigma."""
+    steps = REFERENCE_STEPS if steps is None else int(steps)
     config = dict(named_model.scheduler_config)
     sched = make_scheduler("dpm-solver++", config, solver_order=3)
-    sched.set_timesteps(REFERENCE_STEPS, device=device)
+    sched.set_timesteps(steps, device=device)
     sigma_start = float(sched.sigmas[0])
     if isinstance(named_model.model, ReferenceModel):
         return solve_reference(named_model.model, x_T, sigma_start, 0.0, labels, guidance), sigma_start
@@ -53,7 +55,7 @@ def reference_solution(named_model, x_T: torch.Tensor, labels: torch.Tensor | No
         return named_model.predict(x.to(named_model.dtype), t, labels, guidance).double()
 
     with torch.no_grad():
-        return sample(sched, model, x_T.double(), REFERENCE_STEPS), sigma_start
+        return sample(sched, model, x_T.double(), steps), sigma_start
 
 
 def steps_for_nfe(scheduler, nfe: int) -> int:

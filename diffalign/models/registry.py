@@ -1,8 +1,11 @@
-"""Models by name: ``reference:digits`` (closed form). Names are what ``--model`` accepts on the command line."""
+"""Models by name: ``reference:digits`` (closed form), the shipped ``builtin:*`` UNets, and any diffusers pipeline
+(a local directory or a hub id, :mod:`diffalign.models.pipeline_model`). Names are what ``--model`` accepts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,8 +54,14 @@ MODELS.update({
 })
 
 
-def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:
-    """Load a model by name (see :data:`MODELS`)."""
+def load_model(name: str, device: str | torch.device = "cpu", prompts: Sequence[str] | None = None) -> NamedModel:
+    """Load a model by name (see :data:`MODELS`), or a diffusers pipeline from a local directory or a hub id.
+
+    ``prompts``: the prompts a text-to-image pipeline is conditioned on (label k is the k-th prompt); the registry's
+    models and class-conditional pipelines have their class names instead.
+    """
+    if prompts and name in MODELS:
+        raise ValueError(f"{name} is class-conditional: its prompts are its class names; drop --prompt.")
     if name == "reference:digits":
         config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
                   "prediction_type": "epsilon"}
@@ -60,7 +69,12 @@ def load_model(name: str, device: str | torch.device = "cpu") -> NamedModel:
         return NamedModel(name, model, config, DIGIT_NAMES, (1, 8, 8), sampler_overrides=shipped_overrides(name))
     if name.startswith("builtin:"):
         return _load_builtin(name, device)
-    raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}.")
+    if ":" in name or ("/" not in name and not Path(name).expanduser().is_dir()):
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}, a diffusers pipeline directory or a "
+                         "hub id (org/name).")
+    from .pipeline_model import pipeline_named_model
+
+    return pipeline_named_model(name, device=device, prompts=prompts)
 
 
 def _load_builtin(name: str, device: str | torch.device) -> NamedModel:

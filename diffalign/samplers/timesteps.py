@@ -150,19 +150,27 @@ def params_of(lambdas: np.ndarray, lambda_0: float, lambda_max: float) -> np.nda
     return np.log(gaps[:-1] / gaps[-1])
 
 
+class _OutOfTime(Exception):
+    """Raised by the objective once the search's time budget is spent."""
+
+
 def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
                     minutes: float = 10.0, method: str = "powell", device: str = "cpu", progress: bool = True,
-                    state_path: str | Path | None = None) -> dict:
+                    state_path: str | Path | None = None, reference_steps: int | None = None) -> dict:
     """Search the grid of ``sampler`` with ``nfe`` model evaluations on ``named_model`` at ``guidance``.
 
     Returns the schedule-file entry: ``steps``, ``nfe``, ``sigmas``, the final-sample MSE of the searched, default
-    and logSNR-uniform grids on the search's noises, the method and the time taken. ``state_path`` keeps the best
-    grid so far (written as the search goes); a search started again with the same arguments resumes from it.
+    and logSNR-uniform grids on the search's noises, the method and the time taken (and, for a diffusers pipeline, the
+    prompts its labels index). ``state_path`` keeps the best grid so far (written as the search goes); a search
+    started again with the same arguments resumes from it. ``reference_steps`` (default 500) sets the reference
+    solution's steps: fewer make the search affordable on an expensive model, as long as the reference's own error
+    stays far below the few-step sampler's. ``minutes`` bounds the whole search, the reference solution included
+    (the starting grids are always evaluated); the optimiser stops at the first evaluation past it.
     """
     from scipy.optimize import differential_evolution, minimize
     from tqdm.auto import tqdm
 
-    from ..eval.sampler_bench import reference_solution, steps_for_nfe
+    from ..eval.sampler_bench import REFERENCE_STEPS, reference_solution, steps_for_nfe
     from ..models.sampler_data import sampler_overrides
     from . import make_scheduler, sample
 
@@ -189,7 +197,13 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_noises, *named_model.sample_shape), generator=gen, dtype=torch.float64)
     labels = (torch.arange(num_noises) % len(named_model.class_names)) if guidance != 1.0 else None
-    x_ref, _ = reference_solution(named_model, x_T.to(device), labels, guidance, device)
+    t_start = time.perf_counter()  # the budget covers the reference solution too
+    deadline = t_start + 60.0 * minutes
+    x_ref, sigma_ref = reference_solution(named_model, x_T.to(device), labels, guidance, device, reference_steps)
+    if not math.isclose(sigma_ref, float(default_sigmas[0]), rel_tol=1e-4):
+        raise ValueError(f"{sampler} starts at sigma {float(default_sigmas[0]):.4g} with {steps} steps and the "
+                         f"reference at {sigma_ref:.4g}: the search needs a schedule whose every step count starts at "
+                         "the same timestep (timestep_spacing 'trailing' or 'linspace', not 'leading').")
 
     def model(x_t, t):
         return named_model.predict(x_t, t, labels, guidance)
@@ -202,11 +216,14 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         return value if math.isfinite(value) else 1e6
 
     best = {"loss": math.inf, "u": None}
-    deadline = time.perf_counter() + 60.0 * minutes
     bar = tqdm(total=int(60 * minutes), desc=f"search {sampler} NFE {nfe}", unit="s", disable=not progress)
-    t_start, last_save = time.perf_counter(), 0.0
+    last_save = 0.0
     key = {"model": named_model.name, "sampler": sampler, "nfe": nfe, "guidance": guidance, "seed": seed,
            "num_noises": num_noises}
+    if reference_steps is not None and int(reference_steps) != REFERENCE_STEPS:
+        key["reference_steps"] = int(reference_steps)
+    if "pipeline" in named_model.extra:  # a diffusers pipeline: label k is the k-th of these prompts
+        key["prompts"] = list(named_model.class_names)
 
     def loss(u: np.ndarray) -> float:
         nonlocal last_save
@@ -219,7 +236,11 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         if state_path is not None and now - last_save > 5.0:
             Path(state_path).write_text(json.dumps({**key, "u": best["u"].tolist(), "loss": best["loss"]}))
             last_save = now
+        if searching and now > deadline:  # within an optimiser's iteration too: the budget is the budget
+            raise _OutOfTime
         return value
+
+    searching = False
 
     u_default = params_of(-np.log(default_sigmas), lambda_0, lambda_max)
     u_uniform = np.zeros(steps - 1)
@@ -234,33 +255,25 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
             loss(np.asarray(saved["u"]))
             starts.insert(0, np.asarray(saved["u"]))
 
-    def out_of_time(*_args, **_kwargs) -> bool:
-        return time.perf_counter() > deadline
-
-    bound = 4.0
-    if method == "evolution":
-        population = 8 * max(steps - 1, 2)
-        rng = np.random.default_rng(seed)
-        init = rng.uniform(-1.0, 1.0, size=(population, steps - 1))
-        for k, u in enumerate(starts):
-            init[k] = np.clip(u, -bound, bound)
-        differential_evolution(loss, [(-bound, bound)] * (steps - 1), init=init, maxiter=100000, tol=0.0,
-                               polish=False, seed=seed, callback=out_of_time)
-    else:
-        x0 = best["u"]
-
-        def stop(*_args):
-            if out_of_time():
-                raise StopIteration
-
-        try:
-            minimize(loss, x0, method="Powell", bounds=[(-bound, bound)] * (steps - 1), callback=stop,
+    bound, searching = 4.0, True
+    try:
+        if method == "evolution":
+            population = 8 * max(steps - 1, 2)
+            rng = np.random.default_rng(seed)
+            init = rng.uniform(-1.0, 1.0, size=(population, steps - 1))
+            for k, u in enumerate(starts):
+                init[k] = np.clip(u, -bound, bound)
+            differential_evolution(loss, [(-bound, bound)] * (steps - 1), init=init, maxiter=100000, tol=0.0,
+                                   polish=False, seed=seed)
+        else:
+            minimize(loss, best["u"], method="Powell", bounds=[(-bound, bound)] * (steps - 1),
                      options={"xtol": 1e-4, "ftol": 1e-9, "maxfev": 10**6})
-        except StopIteration:
-            pass
+    except _OutOfTime:
+        pass
     bar.update(bar.total - bar.n)
     bar.close()
     sigmas = np.exp(-lambdas_of(best["u"], lambda_0, lambda_max))
     return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
             "mse_logsnr_uniform": uniform_loss, "mse_ays": ays_loss, "method": method, "seed": seed,
-            "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1)}
+            "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1),
+            **{k: key[k] for k in ("prompts", "reference_steps") if k in key}}
