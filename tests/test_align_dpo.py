@@ -138,6 +138,33 @@ def test_swapping_winner_and_loser_flips_the_gradient(tmp_path, name):
     assert torch.allclose(g_swapped, -g, atol=1e-6 * float(g.abs().max()) + 1e-12)
 
 
+@pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
+def test_kl_coef_adds_the_logged_noise_prediction_kl_whose_gradient_pulls_toward_the_reference(tmp_path, name):
+    algo, batch = method_with_batch(name, write_pairs(tmp_path / "pairs", 8, channels=1, prompts=("3", "7"), n=4))
+    rows = algo.chunks(batch)[0]
+    assert algo.loss(batch, rows)[1]["kl"] == 0.0  # at LoRA initialisation the policy is the reference
+    torch.manual_seed(3)
+    with torch.no_grad():  # move the adapter away from the reference
+        for prm in algo.policy.trainable_parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    plain, stats = algo.loss(batch, rows)
+    x, g = batch["noisy"][rows].flatten(0, 1), batch["noisy"].shape[1]
+    t, cond = batch["t"][rows].repeat_interleave(g), batch["cond"][rows].repeat_interleave(g, 0)
+    with torch.no_grad():
+        out, ref = algo.policy.predict(x, t, cond), algo.policy.predict(x, t, cond, reference=True)
+    assert stats["kl"] > 0 and stats["kl"] == pytest.approx(float(((out - ref) ** 2).mean()), rel=1e-5)
+    algo.cfg.kl_coef = 2.0
+    assert algo.loss(batch, rows)[0].item() == pytest.approx(plain.item() + 2.0 * stats["kl"], rel=1e-5)
+    kl = algo.image_scores(batch, rows)[1].mean()
+    kl.backward()
+    with torch.no_grad():
+        for prm in algo.policy.trainable_parameters():
+            prm.sub_(0.5 * prm.grad)
+    assert algo.image_scores(batch, rows)[1].mean().item() < 0.9 * kl.item()
+    with pytest.raises(ValueError, match="kl_coef"):
+        method_with_batch(name, tmp_path / "pairs", kl_coef=-1.0)
+
+
 def test_winner_and_loser_share_t_and_noise_and_smpo_inverts(ranked):
     _, batch = method_with_batch("diffusion-dpo", ranked)
     assert torch.equal(batch["target"][:, 0], batch["target"][:, 1])  # the same epsilon for both images

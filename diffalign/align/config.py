@@ -150,8 +150,15 @@ class PreferenceConfig(TrainConfig):
     sampler: str = "dpm-solver++"
     """On-policy sampler."""
     sample_steps: int = 20
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference added to the loss: c x the mean over the trained images of the per-pixel
+    mean of (model output - reference output)^2 at the training noise level, the KL of the two models' Gaussian
+    reverse steps there up to the per-t weight that Diffusion-DPO's objective also drops (Eq. 14's constant
+    omega(lambda_t)). 0: off, as in the papers; the KL is logged either way."""
 
     def check(self) -> None:
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
         if self.prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}.")
         if self.k < 2:

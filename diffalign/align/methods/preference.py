@@ -135,21 +135,25 @@ class PreferenceMethod:
         return [list(range(batch["noisy"].shape[0]))]
 
     # ------------------------------------------------------------------ loss
-    def image_scores(self, batch: dict, rows: list[int]) -> torch.Tensor:
-        """s = error(policy) - error(reference) per image: [len(rows), g], differentiable in the policy."""
+    def image_scores(self, batch: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, kl) per image, [len(rows), g] each, differentiable in the policy: s = error(policy) -
+        error(reference), and kl the per-pixel mean of (policy output - reference output)^2 (``kl_coef``)."""
         noisy, target = batch["noisy"][rows], batch["target"][rows]
         p, g = noisy.shape[:2]
         x, y = noisy.flatten(0, 1), target.flatten(0, 1)
         t = batch["t"][rows].repeat_interleave(g)
         cond = batch["cond"][rows].repeat_interleave(g, 0)
-        err = noise_error(self.policy.predict(x, t, cond), y)
-        err_ref = noise_error(self.policy.predict(x, t, cond, reference=True), y)
-        return (err - err_ref).unflatten(0, (p, g))
+        out, out_ref = self.policy.predict(x, t, cond), self.policy.predict(x, t, cond, reference=True)
+        s = noise_error(out, y) - noise_error(out_ref, y)
+        return s.unflatten(0, (p, g)), noise_error(out, out_ref).unflatten(0, (p, g))
 
     def loss(self, batch: dict, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        s = self.image_scores(batch, rows)
+        s, kl = self.image_scores(batch, rows)
         loss, stats = self.objective(s, batch, rows)
-        return loss, {"score_abs": float(s.detach().abs().mean()), **stats}
+        kl = kl.mean()
+        if self.cfg.kl_coef:
+            loss = loss + self.cfg.kl_coef * kl
+        return loss, {"score_abs": float(s.detach().abs().mean()), "kl": float(kl.detach()), **stats}
 
     def objective(self, s: torch.Tensor, batch: dict, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
