@@ -153,16 +153,18 @@ def test_one_benchmark_run_compares_the_default_logsnr_ays_and_searched_grids(tm
 
 
 def test_shipped_digits_grid_is_used_where_searched_and_beats_the_default_on_held_out_noise():
-    """builtin:digits ships UniPC grids searched at guidance 1 on 128 noises of seed 1 (NFE 4-10). Sampling looks
-    them up for those step counts only, and on the benchmark's own noise (seed 0) the NFE-5 grid beats the default
-    grid (1.17e-2 against 2.32e-2 on 64 images; the check uses 16)."""
+    """builtin:digits ships UniPC grids searched at guidance 1 and 7.5 on 128 noises of seed 1 (NFE 4-10). Sampling
+    looks them up for those guidance scales and step counts only, and on the benchmark's own noise (seed 0) the
+    NFE-5 grid at guidance 1 beats the default grid (1.17e-2 against 2.32e-2 on 64 images; the check uses 16)."""
     from diffalign.eval.sampler_bench import bench_samplers
     from diffalign.models.sampler_data import sampler_overrides, schedule_file
 
     named = load_model("builtin:digits")
     overrides = sampler_overrides(named, "unipc", 1.0)
     assert overrides["timesteps_path"] == str(schedule_file("builtin:digits", "unipc", 1.0))
-    assert "timesteps_path" not in sampler_overrides(named, "unipc", 7.5)
+    assert sampler_overrides(named, "unipc", 7.5)["timesteps_path"] == str(schedule_file("builtin:digits", "unipc",
+                                                                                         7.5))
+    assert "timesteps_path" not in sampler_overrides(named, "unipc", 5.0)
     assert "timesteps_path" not in sampler_overrides(named, "unipc", 1.0, searched=False)
     sched = make_scheduler("unipc", {**named.scheduler_config, **overrides})
     sched.set_timesteps(20)
