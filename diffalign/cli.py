@@ -66,9 +66,15 @@ def _calibrate_timesteps(args) -> None:
 
     named = load_model(args.model, device=args.device, prompts=args.prompts)
     state = Path(str(args.out) + ".search.json")  # the best grid so far: a rerun resumes from it
+    # the reference solution, shared by the searches of other samplers and NFEs written to the same directory
+    cache = Path(args.out).parent / f".reference_g{args.guidance:g}_n{args.num_noises}_s{args.seed}.safetensors"
     entry = search_schedule(named, args.sampler, args.nfe, args.guidance, args.num_noises, args.seed, args.minutes,
                             args.method, device=args.device, progress=not args.quiet, state_path=state,
-                            reference_steps=args.reference_steps)
+                            reference_steps=args.reference_steps, reference_cache=cache)
+    if entry["evaluations"] <= entry["starts"]:
+        print(f"diffalign: warning: the {args.minutes:g}-minute budget was spent before the search began (on the "
+              "reference solution and the starting grids); the result is the best starting grid. Give more "
+              "--minutes (the reference is now cached beside --out) or fewer --num-noises.", file=sys.stderr)
     from .samplers import make_scheduler
 
     schedule = schedule_fingerprint(make_scheduler(args.sampler, named.scheduler_config).config)

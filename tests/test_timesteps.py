@@ -115,6 +115,32 @@ def test_a_spent_budget_stops_the_search_at_the_next_evaluation(method):
     assert entry["mse"] == min(entry["mse_default"], entry["mse_logsnr_uniform"], entry["mse_ays"])
 
 
+def test_the_reference_solution_is_cached_for_other_nfes_and_recomputed_for_other_noises(tmp_path, monkeypatch):
+    named, cache = load_model("reference:digits"), tmp_path / "ref.safetensors"
+    first = search_schedule(named, "unipc", 4, num_noises=3, minutes=1e-5, progress=False, reference_cache=cache)
+    assert cache.is_file()
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr("diffalign.eval.sampler_bench.reference_solution", fail)
+    again = search_schedule(named, "unipc", 4, num_noises=3, minutes=1e-5, progress=False, reference_cache=cache)
+    assert again["mse_default"] == first["mse_default"]  # the same reference, read back
+    search_schedule(named, "dpm-solver++", 6, num_noises=3, minutes=1e-5, progress=False, reference_cache=cache)
+    with pytest.raises(AssertionError, match="recomputed"):  # other noises: not the cached reference
+        search_schedule(named, "unipc", 4, num_noises=3, seed=2, minutes=1e-5, progress=False, reference_cache=cache)
+
+
+def test_a_search_whose_budget_ends_before_it_starts_says_so(tmp_path, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "unipc_g1.json"
+    assert main(["calibrate", "timesteps", "--model", "reference:digits", "--sampler", "unipc", "--nfe", "4",
+                 "--num-noises", "2", "--minutes", "1e-6", "--quiet", "--out", str(out)]) == 0
+    assert "spent before the search began" in capsys.readouterr().err
+    assert (tmp_path / ".reference_g1_n2_s1.safetensors").is_file()
+
+
 def test_search_refuses_what_it_cannot_search():
     named = load_model("reference:digits")
     with pytest.raises(ValueError, match="singlestep"):

@@ -150,13 +150,37 @@ def params_of(lambdas: np.ndarray, lambda_0: float, lambda_max: float) -> np.nda
     return np.log(gaps[:-1] / gaps[-1])
 
 
+def _cached_reference(path: str | Path | None, key: dict, x_T: torch.Tensor, compute) -> tuple[torch.Tensor, float]:
+    """``compute()`` -> (x_ref, sigma_start), read from / written to the safetensors file ``path`` for ``key``."""
+    from safetensors.torch import load_file, save_file
+
+    meta = {"key": json.dumps(key, sort_keys=True)}
+    if path is not None and Path(path).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
+        tensors = load_file(str(path))
+        if stored.get("key") == meta["key"] and torch.equal(tensors["x_T"], x_T.cpu()):
+            return tensors["x_ref"].to(x_T.device), float(stored["sigma_start"])
+    x_ref, sigma_start = compute()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        save_file({"x_T": x_T.cpu().contiguous(), "x_ref": x_ref.detach().cpu().contiguous()}, str(tmp),
+                  metadata={**meta, "sigma_start": repr(float(sigma_start))})
+        tmp.replace(path)
+    return x_ref, sigma_start
+
+
 class _OutOfTime(Exception):
     """Raised by the objective once the search's time budget is spent."""
 
 
 def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
                     minutes: float = 10.0, method: str = "powell", device: str = "cpu", progress: bool = True,
-                    state_path: str | Path | None = None, reference_steps: int | None = None) -> dict:
+                    state_path: str | Path | None = None, reference_steps: int | None = None,
+                    reference_cache: str | Path | None = None) -> dict:
     """Search the grid of ``sampler`` with ``nfe`` model evaluations on ``named_model`` at ``guidance``.
 
     Returns the schedule-file entry: ``steps``, ``nfe``, ``sigmas``, the final-sample MSE of the searched, default
@@ -165,7 +189,9 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     started again with the same arguments resumes from it. ``reference_steps`` (default 500) sets the reference
     solution's steps: fewer make the search affordable on an expensive model, as long as the reference's own error
     stays far below the few-step sampler's. ``minutes`` bounds the whole search, the reference solution included
-    (the starting grids are always evaluated); the optimiser stops at the first evaluation past it.
+    (the starting grids are always evaluated); the optimiser stops at the first evaluation past it, and the entry's
+    ``evaluations`` counts the grids tried. ``reference_cache`` (a safetensors file) keeps the reference solution,
+    so that searches for other samplers and NFEs at the same model, guidance and noises do not pay for it again.
     """
     from scipy.optimize import differential_evolution, minimize
     from tqdm.auto import tqdm
@@ -197,9 +223,17 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_noises, *named_model.sample_shape), generator=gen, dtype=torch.float64)
     labels = (torch.arange(num_noises) % len(named_model.class_names)) if guidance != 1.0 else None
+    key = {"model": named_model.name, "sampler": sampler, "nfe": nfe, "guidance": guidance, "seed": seed,
+           "num_noises": num_noises}
+    if reference_steps is not None and int(reference_steps) != REFERENCE_STEPS:
+        key["reference_steps"] = int(reference_steps)
+    if "pipeline" in named_model.extra:  # a diffusers pipeline: label k is the k-th of these prompts
+        key["prompts"] = list(named_model.class_names)
     t_start = time.perf_counter()  # the budget covers the reference solution too
     deadline = t_start + 60.0 * minutes
-    x_ref, sigma_ref = reference_solution(named_model, x_T.to(device), labels, guidance, device, reference_steps)
+    ref_key = {k: v for k, v in key.items() if k not in ("sampler", "nfe")}
+    x_ref, sigma_ref = _cached_reference(reference_cache, ref_key, x_T, lambda: reference_solution(
+        named_model, x_T.to(device), labels, guidance, device, reference_steps))
     if not math.isclose(sigma_ref, float(default_sigmas[0]), rel_tol=1e-4):
         raise ValueError(f"{sampler} starts at sigma {float(default_sigmas[0]):.4g} with {steps} steps and the "
                          f"reference at {sigma_ref:.4g}: the search needs a schedule whose every step count starts at "
@@ -215,19 +249,15 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         value = float(torch.mean((x.double() - x_ref.double()) ** 2))
         return value if math.isfinite(value) else 1e6
 
-    best = {"loss": math.inf, "u": None}
+    best = {"loss": math.inf, "u": None, "evaluations": 0}
     bar = tqdm(total=int(60 * minutes), desc=f"search {sampler} NFE {nfe}", unit="s", disable=not progress)
     last_save = 0.0
-    key = {"model": named_model.name, "sampler": sampler, "nfe": nfe, "guidance": guidance, "seed": seed,
-           "num_noises": num_noises}
-    if reference_steps is not None and int(reference_steps) != REFERENCE_STEPS:
-        key["reference_steps"] = int(reference_steps)
-    if "pipeline" in named_model.extra:  # a diffusers pipeline: label k is the k-th of these prompts
-        key["prompts"] = list(named_model.class_names)
-
     def loss(u: np.ndarray) -> float:
         nonlocal last_save
+        if searching and time.perf_counter() > deadline:  # within an optimiser's iteration too
+            raise _OutOfTime
         value = error(np.exp(-lambdas_of(np.asarray(u, dtype=np.float64), lambda_0, lambda_max)))
+        best["evaluations"] += 1
         if value < best["loss"]:
             best.update(loss=value, u=np.array(u, dtype=np.float64))
             bar.set_postfix(mse=f"{value:.3e}", refresh=False)
@@ -236,8 +266,6 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         if state_path is not None and now - last_save > 5.0:
             Path(state_path).write_text(json.dumps({**key, "u": best["u"].tolist(), "loss": best["loss"]}))
             last_save = now
-        if searching and now > deadline:  # within an optimiser's iteration too: the budget is the budget
-            raise _OutOfTime
         return value
 
     searching = False
@@ -276,4 +304,5 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
             "mse_logsnr_uniform": uniform_loss, "mse_ays": ays_loss, "method": method, "seed": seed,
             "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1),
+            "evaluations": best["evaluations"], "starts": len(starts),
             **{k: key[k] for k in ("prompts", "reference_steps") if k in key}}
