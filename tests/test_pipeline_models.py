@@ -118,3 +118,13 @@ def test_ems_are_computed_on_a_stable_diffusion_directory(tiny_sd_dir, tmp_path)
     ems = load_ems(tmp_path / "ems")
     assert tuple(ems.sample_shape) == (4, 8, 8) and ems.num_points == 2
     assert all(bool(torch.isfinite(v).all()) for v in (ems.l, ems.s, ems.b))
+
+
+def test_pipelines_the_sampler_commands_cannot_drive_are_refused_by_name():
+    from diffalign.models.pipeline_model import named_model_of_pipeline
+    from diffalign.models.tiny_sd import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    with pytest.raises(TypeError, match="added embeddings"):
+        named_model_of_pipeline(tiny_sdxl_pipeline(), "sdxl")
+    with pytest.raises(TypeError, match="no UNet"):
+        named_model_of_pipeline(tiny_sd3_pipeline(), "sd3")

@@ -59,20 +59,30 @@ def pipeline_named_model(name_or_path: str, device: str | torch.device = "cpu",
     ``prompts`` are a text-to-image pipeline's "classes" (default :data:`DEFAULT_PROMPTS`); a class-conditional
     pipeline uses its own class names and refuses ``prompts``.
     """
-    from ..align.policy import Policy
     from ..pipelines.class_conditional import load_pipeline
+
+    return named_model_of_pipeline(load_pipeline(name_or_path, device=device), name_or_path, prompts)
+
+
+def named_model_of_pipeline(pipe, name: str, prompts: Sequence[str] | None = None):
+    """:func:`pipeline_named_model` for a pipeline already loaded (``name`` is what the model is recorded as)."""
+    from ..align.policy import Policy
     from .registry import NamedModel
 
-    pipe = load_pipeline(name_or_path, device=device)
-    if not hasattr(pipe, "unet") or getattr(pipe, "scheduler", None) is None:
-        raise TypeError(f"{name_or_path!r} loads as a {type(pipe).__name__}, which has no UNet and scheduler: the "
-                        "sampler commands support UNet pipelines (Stable Diffusion, diffalign's class-conditional).")
+    unet = getattr(pipe, "unet", None)
+    if unet is None or getattr(pipe, "scheduler", None) is None:
+        raise TypeError(f"{name!r} loads as a {type(pipe).__name__}, which has no UNet and scheduler: the sampler "
+                        "commands support UNet pipelines (Stable Diffusion 1.x / 2.x, diffalign's class-conditional).")
+    if getattr(unet.config, "addition_embed_type", None) is not None:
+        raise TypeError(f"{name!r} is a {type(pipe).__name__}, whose UNet also takes added embeddings (SDXL's "
+                        "pooled text and image sizes); the sampler commands support Stable Diffusion 1.x / 2.x and "
+                        "diffalign's class-conditional pipelines.")
     policy = Policy(pipe)
     if policy.is_text:
         names = tuple(prompts) if prompts else DEFAULT_PROMPTS
     else:
         if prompts:
-            raise ValueError(f"{name_or_path!r} is class-conditional: its prompts are its class names "
+            raise ValueError(f"{name!r} is class-conditional: its prompts are its class names "
                              f"({', '.join(pipe.config.class_names)}); drop --prompt.")
         names = tuple(pipe.config.class_names)
     model = PipelineDenoiser(policy, names).eval()
@@ -81,5 +91,5 @@ def pipeline_named_model(name_or_path: str, device: str | torch.device = "cpu",
         # the benchmark and the searches run every sampler from one first sigma (the last training step); "leading"
         # spacing starts lower the fewer the steps (Stable Diffusion 1.x's configs), "trailing" at the last step
         config["timestep_spacing"] = "trailing"
-    return NamedModel(name_or_path, model, config, names, tuple(policy.latent_shape), dtype=policy.dtype,
+    return NamedModel(name, model, config, names, tuple(policy.latent_shape), dtype=policy.dtype,
                       extra={"pipeline": pipe})
