@@ -141,6 +141,20 @@ def test_a_search_whose_budget_ends_before_it_starts_says_so(tmp_path, capsys):
     assert (tmp_path / ".reference_g1_n2_s1.safetensors").is_file()
 
 
+def test_an_interrupted_search_resumes_from_its_saved_grid_and_a_fresh_one_from_the_three_starts(tmp_path):
+    named, state = load_model("reference:digits"), tmp_path / "state.json"
+    fresh = search_schedule(named, "unipc", 5, num_noises=3, minutes=1e-5, progress=False, state_path=state)
+    assert fresh["starts"] == 3 and fresh["evaluations"] == 3
+    saved = json.loads(state.read_text())
+    saved["u"], saved["loss"] = [0.3, -0.2, 0.1, 0.0], 0.0  # a grid none of the starts is
+    state.write_text(json.dumps(saved))
+    resumed = search_schedule(named, "unipc", 5, num_noises=3, minutes=1e-5, progress=False, state_path=state)
+    assert resumed["starts"] == 4 and resumed["evaluations"] == 4
+    state.write_text(json.dumps({**saved, "seed": 7}))  # another search's state is not resumed
+    assert search_schedule(named, "unipc", 5, num_noises=3, minutes=1e-5, progress=False,
+                           state_path=state)["starts"] == 3
+
+
 def test_search_refuses_what_it_cannot_search():
     named = load_model("reference:digits")
     with pytest.raises(ValueError, match="singlestep"):

@@ -275,13 +275,12 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     ays = make_scheduler(sampler, config)
     ays.set_timesteps(timesteps=ays_timesteps(steps))
     u_ays = params_of(-np.log(ays.sigmas.double().numpy()[:steps]), lambda_0, lambda_max)
+    saved = json.loads(Path(state_path).read_text()) if state_path is not None and Path(state_path).is_file() else {}
     default_loss, uniform_loss, ays_loss = loss(u_default), loss(u_uniform), loss(u_ays)
     starts = [u_default, u_uniform, u_ays]
-    if state_path is not None and Path(state_path).is_file():
-        saved = json.loads(Path(state_path).read_text())
-        if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:
-            loss(np.asarray(saved["u"]))
-            starts.insert(0, np.asarray(saved["u"]))
+    if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:  # an interrupted search: resume
+        loss(np.asarray(saved["u"]))
+        starts.insert(0, np.asarray(saved["u"]))
 
     bound, searching = 4.0, True
     try:
