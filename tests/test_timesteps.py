@@ -218,3 +218,20 @@ def test_shipped_digits_grid_is_used_where_searched_and_beats_the_default_on_hel
                              schedules=schedule_file("builtin:digits", "unipc", 1.0).parent)
     by = {r.sampler: r.mse for r in records}
     assert by["unipc@searched"] < 0.75 * by["unipc"]
+
+
+def test_shipped_fashion_grids_cover_only_the_step_counts_that_won_on_held_out_noise():
+    """builtin:fashion ships UniPC grids at guidance 1 for NFE 4 and 8 only: searched on 128 noises at NFE 4, 5, 6, 8
+    and 10, they beat the default and AYS grids on 64 held-out noises only there (benchmarks/results/
+    timesteps_builtin_fashion_128noises_g1.json); the other step counts keep the default grid."""
+    from diffalign.models.sampler_data import sampler_overrides
+
+    named = load_model("builtin:fashion")
+    overrides = sampler_overrides(named, "unipc", 1.0)
+    searched = make_scheduler("unipc", {**named.scheduler_config, **overrides})
+    default = make_scheduler("unipc", named.scheduler_config)
+    for steps, differs in ((4, True), (5, False), (6, False), (8, True), (10, False), (20, False)):
+        searched.set_timesteps(steps)
+        default.set_timesteps(steps)
+        assert (not torch.equal(searched.sigmas, default.sigmas)) == differs, steps
+    assert "timesteps_path" not in sampler_overrides(named, "unipc", 7.5)
