@@ -48,7 +48,7 @@ EXTRA = {
     "diffalign align export-pairs": ["--num-pairs", "2", "--steps", "4"],
     "diffalign train": ["--max-steps", "2", "--set", "checkpoint_every=1"],
     "python benchmarks/align.py": ["--fid-images", "20", "--eval-images", "4", "--kl-images", "2",
-                                   "--checkpoint-every", "1"],
+                                   "--checkpoint-every", "1", "--fid-every", "0"],
     "python benchmarks/align_dpo.py": ["--fid-images", "20", "--eval-images", "4", "--kl-images", "2",
                                        "--checkpoint-minutes", "0.02", "--rewards", "jpeg_compressibility"],
     "python benchmarks/distill_dpo.py": ["--fid-images", "20", "--eval-images", "4", "--samplers", "ddim",
