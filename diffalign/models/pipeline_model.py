@@ -40,8 +40,7 @@ class PipelineDenoiser(nn.Module):
         return cond.expand(n, *cond.shape[1:]) if labels.numel() == 1 else cond
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
-        t = t.expand(x.shape[0]) if t.numel() == 1 else t
+        t = torch.as_tensor(t, device=x.device)  # the policy broadcasts a single timestep
         out = self.policy.predict(x.to(self.policy.dtype), t, self._condition(labels, x.shape[0]), guidance)
         return out.to(x.dtype)
 
