@@ -152,17 +152,15 @@ def params_of(lambdas: np.ndarray, lambda_0: float, lambda_max: float) -> np.nda
 
 def _cached_reference(path: str | Path | None, key: dict, x_T: torch.Tensor, compute) -> tuple[torch.Tensor, float]:
     """``compute()`` -> (x_ref, sigma_start), read from / written to the safetensors file ``path`` for ``key``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     meta = {"key": json.dumps(key, sort_keys=True)}
     if path is not None and Path(path).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: the header, then the tensors if it matches
             stored = f.metadata() or {}
-        tensors = load_file(str(path))
-        if stored.get("key") == meta["key"] and torch.equal(tensors["x_T"], x_T.cpu()):
-            return tensors["x_ref"].to(x_T.device), float(stored["sigma_start"])
+            if stored.get("key") == meta["key"] and torch.equal(f.get_tensor("x_T"), x_T.cpu()):
+                return f.get_tensor("x_ref").to(x_T.device), float(stored["sigma_start"])
     x_ref, sigma_start = compute()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
