@@ -70,7 +70,8 @@ def _calibrate_timesteps(args) -> None:
     cache = Path(args.out).parent / f".reference_g{args.guidance:g}_n{args.num_noises}_s{args.seed}.safetensors"
     entry = search_schedule(named, args.sampler, args.nfe, args.guidance, args.num_noises, args.seed, args.minutes,
                             args.method, device=args.device, progress=not args.quiet, state_path=state,
-                            reference_steps=args.reference_steps, reference_cache=cache)
+                            reference_steps=args.reference_steps, reference_cache=cache,
+                            max_evaluations=args.max_evaluations)
     if entry["evaluations"] <= entry["starts"]:
         print(f"diffalign: warning: the {args.minutes:g}-minute budget was spent before the search began (on the "
               "reference solution and the starting grids); the result is the best starting grid. Give more "
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--guidance", type=float, default=1.0)
     ct.add_argument("--out", required=True, help="schedule JSON file (entries for other NFE are kept)")
     ct.add_argument("--minutes", type=float, default=10.0, help="search budget")
+    ct.add_argument("--max-evaluations", type=int, default=None,
+                    help="also stop after this many grids (a budget independent of the machine's speed)")
     ct.add_argument("--method", choices=["powell", "evolution"], default="powell",
                     help="Powell's local search or differential evolution")
     ct.add_argument("--num-noises", type=int, default=32, help="noises the error is measured on")

@@ -178,7 +178,7 @@ class _OutOfTime(Exception):
 def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
                     minutes: float = 10.0, method: str = "powell", device: str = "cpu", progress: bool = True,
                     state_path: str | Path | None = None, reference_steps: int | None = None,
-                    reference_cache: str | Path | None = None) -> dict:
+                    reference_cache: str | Path | None = None, max_evaluations: int | None = None) -> dict:
     """Search the grid of ``sampler`` with ``nfe`` model evaluations on ``named_model`` at ``guidance``.
 
     Returns the schedule-file entry: ``steps``, ``nfe``, ``sigmas``, the final-sample MSE of the searched, default
@@ -190,6 +190,8 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     (the starting grids are always evaluated); the optimiser stops at the first evaluation past it, and the entry's
     ``evaluations`` counts the grids tried. ``reference_cache`` (a safetensors file) keeps the reference solution,
     so that searches for other samplers and NFEs at the same model, guidance and noises do not pay for it again.
+    ``max_evaluations`` also stops the search after that many grids (the starting grids included): a budget that,
+    unlike ``minutes``, does not depend on the machine or its load.
     """
     from scipy.optimize import differential_evolution, minimize
     from tqdm.auto import tqdm
@@ -200,8 +202,8 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
 
     if method not in METHODS:
         raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}.")
-    if num_noises < 1 or minutes <= 0:
-        raise ValueError("num_noises must be >= 1 and minutes > 0.")
+    if num_noises < 1 or minutes <= 0 or (max_evaluations is not None and max_evaluations < 1):
+        raise ValueError("num_noises and max_evaluations must be >= 1 and minutes > 0.")
     config = {**named_model.scheduler_config, **sampler_overrides(named_model, sampler, guidance, searched=False)}
     if config.get("use_flow_sigmas"):
         raise ValueError("the time-step search supports VP (beta) schedules; this model uses flow-matching sigmas.")
@@ -252,7 +254,8 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     last_save = 0.0
     def loss(u: np.ndarray) -> float:
         nonlocal last_save
-        if searching and time.perf_counter() > deadline:  # within an optimiser's iteration too
+        if searching and (time.perf_counter() > deadline  # within an optimiser's iteration too
+                          or (max_evaluations is not None and best["evaluations"] >= max_evaluations)):
             raise _OutOfTime
         value = error(np.exp(-lambdas_of(np.asarray(u, dtype=np.float64), lambda_0, lambda_max)))
         best["evaluations"] += 1
