@@ -48,7 +48,8 @@ def sampler_overrides(named_model, name: str, guidance: float, searched: bool = 
     * ``guidance_scale`` for samplers whose calibration depends on it (a ``guidance_scale`` argument);
     * with ``searched``, the shipped searched time steps for (model, sampler, guidance), used for the step counts
       they were searched for (``timesteps_missing="default"``: other step counts keep the default grid). DC-Solver's
-      ratios were calibrated on the default grid, so DC-Solver keeps it.
+      ratios were calibrated on the default grid, so DC-Solver keeps it; a ``timesteps_path`` of the model's own
+      data wins over the shipped one.
     """
     table = getattr(named_model, "sampler_overrides", None) or {}
     return _overrides(table, getattr(named_model, "name", ""), name, guidance, searched)
@@ -68,6 +69,6 @@ def _overrides(table: dict, model: str, name: str, guidance: float, searched: bo
     if "guidance_scale" in inspect.signature(get_scheduler_class(name).__init__).parameters:
         overrides["guidance_scale"] = float(guidance)
     path = schedule_file(model, name, guidance)
-    if searched and path.is_file() and "dc_ratios_path" not in overrides and "cpr_path" not in overrides:
+    if searched and path.is_file() and not {"dc_ratios_path", "cpr_path", "timesteps_path"} & set(overrides):
         overrides.update(timesteps_path=str(path), timesteps_missing="default")
     return overrides
