@@ -94,11 +94,15 @@ def test_the_parametrisation_is_a_strictly_decreasing_grid_and_inverts():
     np.testing.assert_allclose(np.diff(lambdas_of(np.zeros(4), -5.0, 3.0)), 8.0 / 5)  # u = 0: uniform in logSNR
 
 
+EVALS = 120
+
+
 @pytest.mark.parametrize("method", ["evolution", "powell"])
 def test_a_short_search_beats_the_default_and_logsnr_grids_on_the_closed_form_model(method, tmp_path):
     named = load_model("reference:digits")
-    entry = search_schedule(named, "dpm-solver++", 5, num_noises=8, minutes=0.2, method=method, progress=False,
-                            state_path=tmp_path / "state.json")
+    entry = search_schedule(named, "dpm-solver++", 5, num_noises=8, minutes=10, max_evaluations=EVALS, method=method,
+                            progress=False, state_path=tmp_path / "state.json")
+    assert entry["evaluations"] == EVALS  # the evaluation budget, not the clock, ended it
     assert entry["mse"] < 0.8 * min(entry["mse_default"], entry["mse_logsnr_uniform"])
     assert json.loads((tmp_path / "state.json").read_text())["loss"] <= entry["mse_default"]
     sched = make_scheduler("dpm-solver++", named.scheduler_config)
@@ -221,17 +225,28 @@ def test_shipped_digits_grid_is_used_where_searched_and_beats_the_default_on_hel
 
 
 def test_shipped_fashion_grids_cover_only_the_step_counts_that_won_on_held_out_noise():
-    """builtin:fashion ships UniPC grids at guidance 1 for NFE 4 and 8 only: searched on 128 noises at NFE 4, 5, 6, 8
-    and 10, they beat the default and AYS grids on 64 held-out noises only there (benchmarks/results/
-    timesteps_builtin_fashion_128noises_g1.json); the other step counts keep the default grid."""
+    """builtin:fashion ships UniPC grids at guidance 1 for NFE 4 and 8, and at guidance 7.5 for NFE 4, 5 and 10:
+    searched on 128 noises at NFE 4, 5, 6, 8 and 10, they beat the default and AYS grids on 64 held-out noises only
+    there (benchmarks/results/timesteps_builtin_fashion_128noises_g*.json); the other step counts keep the default
+    grid."""
     from diffalign.models.sampler_data import sampler_overrides
 
     named = load_model("builtin:fashion")
-    overrides = sampler_overrides(named, "unipc", 1.0)
-    searched = make_scheduler("unipc", {**named.scheduler_config, **overrides})
     default = make_scheduler("unipc", named.scheduler_config)
-    for steps, differs in ((4, True), (5, False), (6, False), (8, True), (10, False), (20, False)):
-        searched.set_timesteps(steps)
-        default.set_timesteps(steps)
-        assert (not torch.equal(searched.sigmas, default.sigmas)) == differs, steps
-    assert "timesteps_path" not in sampler_overrides(named, "unipc", 7.5)
+    for guidance, won in ((1.0, {4, 8}), (7.5, {4, 5, 10})):
+        searched = make_scheduler("unipc", {**named.scheduler_config, **sampler_overrides(named, "unipc", guidance)})
+        for steps in (4, 5, 6, 8, 10, 20):
+            searched.set_timesteps(steps)
+            default.set_timesteps(steps)
+            assert (not torch.equal(searched.sigmas, default.sigmas)) == (steps in won), (guidance, steps)
+    assert "timesteps_path" not in sampler_overrides(named, "unipc", 5.0)
+
+
+def test_a_models_own_schedule_file_wins_over_the_shipped_one(tmp_path):
+    from diffalign.models.sampler_data import sampler_overrides, schedule_file
+
+    named = load_model("builtin:fashion")
+    assert sampler_overrides(named, "unipc", 7.5)["timesteps_path"] == str(schedule_file("builtin:fashion", "unipc",
+                                                                                         7.5))
+    named.sampler_overrides = {"unipc": {"timesteps_path": str(tmp_path / "mine.json")}}
+    assert sampler_overrides(named, "unipc", 7.5)["timesteps_path"] == str(tmp_path / "mine.json")
