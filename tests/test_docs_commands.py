@@ -68,7 +68,7 @@ ENV = {"bash benchmarks/search_timesteps.sh": {"SEARCH_GUIDANCES": "1", "SEARCH_
 ELSEWHERE = {
     "accelerate launch": "tests/test_align.py::test_two_processes_finish_with_identical_weights",
     "python -m pytest -q tests/": "the README's test command (the whole suite)",
-    "python -m pytest -q -m slow": ".ci/run's last step (this file)",
+    "python -m pytest -q -m slow -n auto": ".ci/run's last step (this file)",
 }
 
 
@@ -237,7 +237,7 @@ def test_page_commands_run(page, tmp_path, monkeypatch):
     monkeypatch.setattr("diffalign.eval.sampler_bench.REFERENCE_STEPS", 50)
     tour = tour_commands()
     for command in commands(page):
-        if command.startswith(("pip ", "python3 -m venv")) or command == "python -m pytest -q":
+        if command.startswith(("pip ", "python3 -m venv")) or command == "python -m pytest -q -n auto":
             assert setup_command_runs_in_ci(command), f"{_name(page)}: `{command}` is not what .ci/run runs"
             continue
         if any(command.startswith(k) for k in ELSEWHERE) or (page.name == "README.md" and command in tour):
