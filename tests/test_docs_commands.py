@@ -54,6 +54,7 @@ EXTRA = {
     "python benchmarks/distill_dpo.py": ["--fid-images", "20", "--eval-images", "4", "--samplers", "ddim",
                                         "--teacher-steps", "4", "--checkpoint-minutes", "0.02"],
     "python benchmarks/dualfast_variants.py": ["--num-images", "2", "--nfe", "5"],
+    "python benchmarks/align_frontier.py": ["--pool", "20", "--chunk", "20", "--steps", "4", "--resamples", "1"],
     "python benchmarks/align_memory.py": ["--max-steps", "1", "--pairs-per-step", "1", "--num-steps", "4"],
     "python benchmarks/ems_variants.py": ["--num-images", "2", "--nfe", "5"],
     "python benchmarks/inversion.py": ["--num-images", "2", "--steps", "5", "--renoise", "0,1"],
@@ -166,6 +167,10 @@ def prepare(command: str, cwd: Path) -> None:
     for folder in re.findall(r"--schedules (\S+)", command):  # searched time steps the docs' tables used
         if not (cwd / folder).exists() and (ROOT / folder).is_dir():
             shutil.copytree(ROOT / folder, cwd / folder)
+    m = re.search(r"--records((?: [^-]\S*)+)", command)  # earlier runs' records, shipped with the project
+    for record in m[1].split() if m else ():
+        if not (cwd / record).exists():
+            shutil.copy(ROOT / record, cwd / record)
     m = re.search(r"train d3po .*--data (\S+)", command)
     if m and not (cwd / m[1] / "labels.jsonl").exists():
         import json

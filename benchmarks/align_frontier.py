@@ -1,0 +1,235 @@
+"""How much reward can any fine-tune gain while FID stays within a bound? The reward-FID frontier of the
+reweighted base model.
+
+The distribution with the highest mean reward at a given KL to the base model is the base tilted by the reward,
+p_beta(x | c) ~ p(x | c) exp(r(x) / beta) (the optimum of the KL-regularised objective every method here
+approximates). This script draws a large pool of base samples (class-balanced, the evaluation sampler), tilts it
+by self-normalised importance weights within each prompt, and reports for each beta:
+
+* the mean reward gain in standard deviations of the base model's reward (over all images, as the alignment
+  benchmark's 64-image evaluation set measures it), and in within-prompt standard deviations;
+* the KL of the tilt to the base, and the smallest per-prompt effective sample size of the weights;
+* FID on the shipped classifier's features, two ways: ``fid_inf``, the Frechet distance of the weighted feature
+  statistics (the large-sample limit), and ``fid_resampled``, the mean over resamples of ``--fid-images`` images
+  (1,000, class-balanced) drawn from the tilted pool, the sample size the alignment benchmark's FID uses.
+
+    python benchmarks/align_frontier.py --model builtin:fashion \\
+        --rewards jpeg_compressibility,prompt_following --pool 8000 --pool-dir runs/frontier_fashion \\
+        --json benchmarks/results/align_frontier_fashion.json
+
+The pool is cached in ``--pool-dir`` (one safetensors file per ``--chunk`` images), so an interrupted run resumes.
+``--records`` overlays the checkpoints of alignment benchmark records on the plot (``--json`` with .png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pool_images(model: str, size: int, chunk: int, pool_dir: Path, seed: int, guidance: float, sampler: str,
+                steps: int) -> tuple[torch.Tensor, list[str]]:
+    """``size`` class-balanced base samples, in chunks of ``chunk`` (seeds seed, seed + 1, ...) cached in
+    ``pool_dir``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from diffalign.align.evaluate import eval_images
+
+    if size < chunk or size % chunk:
+        raise ValueError(f"--pool must be a multiple of --chunk ({chunk}), got {size}.")
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    images, prompts = [], []
+    for k in range(size // chunk):
+        path = pool_dir / f"chunk_{seed + k}.safetensors"
+        meta = {"model": model, "guidance": repr(guidance), "sampler": sampler, "steps": str(steps), "size": str(chunk)}
+        if not path.is_file():
+            t0 = time.perf_counter()
+            x, chosen = eval_images(model, chunk, seed + k, guidance, sampler, steps)
+            tmp = path.with_suffix(".tmp")
+            save_file({"images": x.contiguous()}, str(tmp), metadata={**meta, "prompts": "\n".join(chosen)})
+            tmp.replace(path)
+            print(f"pool chunk {k + 1}/{size // chunk}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata()
+            if any(stored.get(key, value) != value for key, value in meta.items()):
+                raise ValueError(f"{path} was sampled with other settings ({stored}); use another --pool-dir.")
+            images.append(f.get_tensor("images"))
+            prompts += stored["prompts"].split("\n")
+    return torch.cat(images), prompts
+
+
+def weighted_stats(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of features under normalised weights (float64)."""
+    mean = weights @ features
+    centred = features - mean
+    return mean, (centred * weights[:, None]).T @ centred
+
+
+def frontier(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor, ref: dict, betas: list[float],
+             resamples: int, per_group: int, seed: int) -> list[dict]:
+    """One row per beta (``inf`` = the base itself) of the tilted pool: gain, KL, ESS and both FIDs."""
+    from torchmetrics.image.fid import _compute_fid
+
+    ref_mean, ref_cov = ref["mean"].double(), ref["cov"].double()
+    num_groups = int(groups.max()) + 1
+    members = [torch.nonzero(groups == g).flatten() for g in range(num_groups)]
+    base_mean, base_sd = float(rewards.mean()), float(rewards.std())
+    within_sd = float(torch.cat([rewards[m] - rewards[m].mean() for m in members]).std())
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for beta in betas:
+        weights, kl, ess = torch.zeros_like(rewards), 0.0, math.inf
+        for m in members:
+            logits = torch.zeros(len(m), dtype=torch.float64) if math.isinf(beta) else rewards[m] / beta
+            w = torch.softmax(logits, 0)
+            weights[m] = w / num_groups
+            kl += float((w * torch.log(w * len(m)).clamp_min(-1e300)).sum()) / num_groups
+            ess = min(ess, float(1.0 / (w**2).sum()))
+        mean_reward = float(weights @ rewards)
+        fid_inf = float(_compute_fid(*weighted_stats(features, weights), ref_mean, ref_cov))
+        fids = []
+        for _ in range(resamples):
+            picks = torch.cat([m[torch.multinomial(weights[m], per_group, replacement=True, generator=gen)]
+                               for m in members])
+            f = features[picks]
+            fids.append(float(_compute_fid(f.mean(0), torch.cov(f.T), ref_mean, ref_cov)))
+        rows.append({"beta": beta, "reward_mean": mean_reward, "gain_base_sd": (mean_reward - base_mean) / base_sd,
+                     "gain_within_sd": (mean_reward - base_mean) / within_sd, "kl": kl, "min_ess": ess,
+                     "fid_inf": fid_inf, "fid_resampled": float(np.mean(fids)),
+                     "fid_resampled_sd": float(np.std(fids))})
+    for row in rows:
+        row["fid_inf_ratio"] = row["fid_inf"] / rows[0]["fid_inf"]
+        row["fid_resampled_ratio"] = row["fid_resampled"] / rows[0]["fid_resampled"]
+    return rows
+
+
+def gain_at_bound(rows: list[dict], key: str, bound: float) -> float | None:
+    """The largest gain (base sd) of a tilt whose FID ratio (``key``) is within ``bound``, interpolated between
+    the last tilt inside and the first outside (betas decrease along ``rows``)."""
+    best = None
+    for a, b in zip(rows, rows[1:], strict=False):
+        if a[key] > bound:
+            break
+        best = a["gain_base_sd"]
+        if b[key] > bound:
+            frac = (bound - a[key]) / (b[key] - a[key])
+            return a["gain_base_sd"] + frac * (b["gain_base_sd"] - a["gain_base_sd"])
+        best = b["gain_base_sd"]
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin:fashion")
+    p.add_argument("--rewards", default="jpeg_compressibility,prompt_following")
+    p.add_argument("--pool", type=int, default=8000, help="base samples (a multiple of --chunk)")
+    p.add_argument("--chunk", type=int, default=1000, help="images per cached pool file")
+    p.add_argument("--pool-dir", required=True, help="cache of the pool's images")
+    p.add_argument("--pool-seed", type=int, default=101, help="seed of the first chunk (kept apart from eval seeds)")
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--sampler", default="dpm-solver++")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--betas", default=None, help="comma-separated tilts in base-sd units (default: a geometric grid)")
+    p.add_argument("--fid-images", type=int, default=1000, help="images per resampled FID (as the benchmark's)")
+    p.add_argument("--resamples", type=int, default=10, help="resampled FIDs per tilt")
+    p.add_argument("--fid-bound", type=float, default=2.0)
+    p.add_argument("--records", nargs="*", default=[], help="alignment benchmark records to overlay on the plot")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+
+    from diffalign.align.rewarding import build_reward, score
+    from diffalign.eval.fid import get_features, load_stats
+    from diffalign.models.builtin import weights_dir
+
+    if not args.model.startswith("builtin:"):
+        raise SystemExit(f"the frontier needs a built-in model's shipped FID features, got {args.model!r}.")
+    images, prompts = pool_images(args.model, args.pool, args.chunk, Path(args.pool_dir), args.pool_seed, args.guidance,
+                                  args.sampler, args.steps)
+    features_fn = get_features(f"classifier:{args.model}")
+    with torch.no_grad():
+        features = torch.cat([features_fn(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
+    ref = load_stats(weights_dir(args.model.split(":", 1)[1]) / "fid_stats.safetensors")
+    names = sorted(set(prompts))
+    groups = torch.tensor([names.index(q) for q in prompts])
+    per_group = max(args.fid_images // len(names), 2)
+    record = {"model": args.model, "pool": args.pool, "guidance": args.guidance, "sampler": args.sampler,
+              "steps": args.steps, "fid_bound": args.fid_bound, "rewards": {},
+              "command": "python benchmarks/align_frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    for name in [r.strip() for r in args.rewards.split(",") if r.strip()]:
+        fn = build_reward(name, args.model)
+        with torch.no_grad():
+            r = torch.cat([score(fn, images[i:i + 500], prompts[i:i + 500])[:, 0]
+                           for i in range(0, len(images), 500)]).double()
+        sd = float(r.std())
+        scales = ([float(b) for b in args.betas.split(",")] if args.betas else
+                  [8.0, 4.0, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08])
+        rows = frontier(r, groups, features, ref, [math.inf, *[s * sd for s in scales]], args.resamples, per_group,
+                        args.pool_seed)
+        record["rewards"][name] = {
+            "base_mean": float(r.mean()), "base_sd": sd, "min": float(r.min()), "max": float(r.max()),
+            "gain_to_pool_max_base_sd": (float(np.mean([float(r[groups == g].max()) for g in range(len(names))]))
+                                         - float(r.mean())) / sd,
+            "gain_at_fid_bound": {"fid_inf": gain_at_bound(rows, "fid_inf_ratio", args.fid_bound),
+                                  "fid_resampled": gain_at_bound(rows, "fid_resampled_ratio", args.fid_bound)},
+            "rows": rows}
+        print(f"\n{name}: base mean {float(r.mean()):.4f}, sd {sd:.4f} (pool of {args.pool})")
+        print(f"{'beta/sd':>8} {'gain sd':>8} {'within sd':>9} {'KL':>8} {'min ESS':>8} {'FID inf':>8} {'ratio':>6} "
+              f"{'FID resamp':>10} {'ratio':>6}")
+        for row in rows:
+            print(f"{row['beta'] / sd:8.3g} {row['gain_base_sd']:+8.2f} {row['gain_within_sd']:+9.2f} "
+                  f"{row['kl']:8.3f} {row['min_ess']:8.0f} {row['fid_inf']:8.3f} {row['fid_inf_ratio']:6.2f} "
+                  f"{row['fid_resampled']:10.3f} {row['fid_resampled_ratio']:6.2f}")
+        at = record["rewards"][name]["gain_at_fid_bound"]
+        gains = ", ".join(f"{k} {'-' if v is None else f'{v:+.2f}'} sd" for k, v in at.items())
+        print(f"largest gain with FID within {args.fid_bound:g}x: {gains}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    plot(record, [json.loads(Path(r).read_text()) for r in args.records], out.with_suffix(".png"))
+    return record
+
+
+def plot(record: dict, runs: list[dict], png: Path) -> None:
+    """Gain against FID ratio: the tilted pool's frontier per reward, and the overlaid runs' checkpoints."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(record["rewards"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        rows = record["rewards"][name]["rows"]
+        for key, style in (("fid_resampled_ratio", "o-"), ("fid_inf_ratio", "s--")):
+            ax.plot([r[key] for r in rows], [r["gain_base_sd"] for r in rows], style,
+                    label=f"tilted base (FID {key[4:-6]})")
+        for run in runs:
+            if run.get("reward") != name:
+                continue
+            base = run["base"]
+            pts = [(c["fid"] / base["fid"], (c["reward_mean"] - base["reward_mean"]) / base["reward_std"])
+                   for c in run["curve"] if c.get("fid") is not None]
+            label = f"{run['method']} lr {run['config']['lr']:g}" + (f" kl {run['config']['kl_coef']:g}"
+                                                                    if "kl_coef" in run["config"] else "")
+            ax.plot(*zip(*pts, strict=True), "x:", label=label)
+        ax.axvline(record["fid_bound"], color="grey", lw=0.8)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("FID / base FID")
+        ax.set_ylabel("reward gain (base sd)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
