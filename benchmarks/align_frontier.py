@@ -205,8 +205,12 @@ def plot(record: dict, runs: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(record["rewards"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    rows_ = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 4 * rows_), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names, strict=False):
         rows = record["rewards"][name]["rows"]
         for key, style in (("fid_resampled_ratio", "o-"), ("fid_inf_ratio", "s--")):
             ax.plot([r[key] for r in rows], [r["gain_base_sd"] for r in rows], style,
