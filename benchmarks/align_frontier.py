@@ -75,8 +75,12 @@ def weighted_stats(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch
 
 def frontier(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor, ref: dict, betas: list[float],
              resamples: int, per_group: int, seed: int) -> list[dict]:
-    """One row per beta (``inf`` = the base itself) of the tilted pool: gain, KL, ESS and both FIDs."""
+    """One row per beta of the tilted pool: gain, KL, ESS and both FIDs, with FID ratios to the first row, whose
+    beta must be ``inf`` (the base itself)."""
     from torchmetrics.image.fid import _compute_fid
+
+    if not math.isinf(betas[0]):
+        raise ValueError("the first beta must be inf (the base model, which the FID ratios refer to).")
 
     ref_mean, ref_cov = ref["mean"].double(), ref["cov"].double()
     num_groups = int(groups.max()) + 1
@@ -91,7 +95,7 @@ def frontier(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor
             logits = torch.zeros(len(m), dtype=torch.float64) if math.isinf(beta) else rewards[m] / beta
             w = torch.softmax(logits, 0)
             weights[m] = w / num_groups
-            kl += float((w * torch.log(w * len(m)).clamp_min(-1e300)).sum()) / num_groups
+            kl += float(torch.xlogy(w, w * len(m)).sum()) / num_groups
             ess = min(ess, float(1.0 / (w**2).sum()))
         mean_reward = float(weights @ rewards)
         fid_inf = float(_compute_fid(*weighted_stats(features, weights), ref_mean, ref_cov))
