@@ -122,7 +122,6 @@ def gain_at_bound(rows: list[dict], key: str, bound: float) -> float | None:
     for a, b in zip(rows, rows[1:], strict=False):
         if a[key] > bound:
             break
-        best = a["gain_base_sd"]
         if b[key] > bound:
             frac = (bound - a[key]) / (b[key] - a[key])
             return a["gain_base_sd"] + frac * (b["gain_base_sd"] - a["gain_base_sd"])
@@ -167,14 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"model": args.model, "pool": args.pool, "guidance": args.guidance, "sampler": args.sampler,
               "steps": args.steps, "fid_bound": args.fid_bound, "rewards": {},
               "command": "python benchmarks/align_frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    scales = ([float(b) for b in args.betas.split(",")] if args.betas else
+              [8.0, 4.0, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08])  # tilts, in each reward's sd
     for name in [r.strip() for r in args.rewards.split(",") if r.strip()]:
         fn = build_reward(name, args.model)
         with torch.no_grad():
             r = torch.cat([score(fn, images[i:i + 500], prompts[i:i + 500])[:, 0]
                            for i in range(0, len(images), 500)]).double()
         sd = float(r.std())
-        scales = ([float(b) for b in args.betas.split(",")] if args.betas else
-                  [8.0, 4.0, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08])
         rows = frontier(r, groups, features, ref, [math.inf, *[s * sd for s in scales]], args.resamples, per_group,
                         args.pool_seed)
         record["rewards"][name] = {
@@ -210,8 +209,8 @@ def plot(record: dict, runs: list[dict], png: Path) -> None:
 
     names = list(record["rewards"])
     cols = min(3, len(names))
-    rows_ = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 4 * rows_), squeeze=False)
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names, strict=False):
