@@ -150,7 +150,7 @@ def params_of(lambdas: np.ndarray, lambda_0: float, lambda_max: float) -> np.nda
     return np.log(gaps[:-1] / gaps[-1])
 
 
-def _cached_reference(path: str | Path | None, key: dict, x_T: torch.Tensor, compute) -> tuple[torch.Tensor, float]:
+def cached_reference(path: str | Path | None, key: dict, x_T: torch.Tensor, compute) -> tuple[torch.Tensor, float]:
     """``compute()`` -> (x_ref, sigma_start), read from / written to the safetensors file ``path`` for ``key``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -232,7 +232,7 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     t_start = time.perf_counter()  # the budget covers the reference solution too
     deadline = t_start + 60.0 * minutes
     ref_key = {k: v for k, v in key.items() if k not in ("sampler", "nfe")}
-    x_ref, sigma_ref = _cached_reference(reference_cache, ref_key, x_T, lambda: reference_solution(
+    x_ref, sigma_ref = cached_reference(reference_cache, ref_key, x_T, lambda: reference_solution(
         named_model, x_T.to(device), labels, guidance, device, reference_steps))
     if not math.isclose(sigma_ref, float(default_sigmas[0]), rel_tol=1e-4):
         raise ValueError(f"{sampler} starts at sigma {float(default_sigmas[0]):.4g} with {steps} steps and the "

@@ -1,0 +1,232 @@
+"""Gaussian teleport: solve the first, high-noise part of the sampling ODE in closed form and spend the model
+evaluations on the rest. Does it buy a few-step sampler one step?
+
+At high noise the data distribution, blurred by noise of scale sigma, is close to the Gaussian with the data's mean
+mu and covariance C = U diag(lambda) U^T (Wang & Vastola 2023, "The hidden linear structure in score-based models",
+whose "analytical teleportation" skips the first part of sampling this way; AMED's "analytical first step", Zhou et
+al. 2024, is its crudest form, the denoiser taken as 0). For that Gaussian the probability-flow ODE in VE
+coordinates z = x / alpha, dz / d sigma = (z - D(z, sigma)) / sigma with D the posterior mean
+    D(z, sigma) = mu + U diag(lambda / (lambda + sigma^2)) U^T (z - mu),
+has the solution, from sigma_a to sigma_b,
+    z(sigma_b) = mu + U diag(sqrt((lambda + sigma_b^2) / (lambda + sigma_a^2))) U^T (z(sigma_a) - mu).
+With classifier-free guidance the guided denoiser D_u + g (D_c - D_u) mixes the unconditional and the class
+Gaussians, whose eigenvectors differ, so the guided path is integrated with RK4 in log sigma instead (exact up to
+its own small step error).
+
+For each sampler and NFE the script compares, on the benchmark's noises (seed 0, as ``diffalign bench samplers``)
+and its reference solution:
+
+* ``default``: the sampler with ``nfe`` model evaluations on its default grid;
+* ``teleport``: the Gaussian path from the first sigma to the second point of the sampler's ``nfe + 1``-step default
+  grid, then the sampler on the remaining ``nfe`` points: the first model evaluation is replaced by the closed form;
+* ``zero``: the same with the denoiser taken as 0 on the skipped interval (AMED's analytical first step: the noise
+  only rescaled, x_1 = (sigma_1 / sigma_0) x_0 in VP units);
+* ``--floor``: the teleport followed by a 100-step third-order solve, the error of the Gaussian path alone.
+
+    python benchmarks/teleport.py --model builtin:fashion --samplers dc-solver,unipc,dpm-solver-v3 --nfe 5,6 \\
+        --guidance 1 --num-images 64 --floor --reference-cache runs/teleport/reference_g1.safetensors \\
+        --json benchmarks/results/teleport_fashion_g1.json
+
+The Gaussian statistics are the shipped model's training data's (``builtin:`` models only). ``--reference-cache``
+keeps the reference solution (safetensors) for a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Gaussian:
+    """Mean ``mu`` [D] and covariance eigen-decomposition (``lam`` [D], ``U`` [D, D]) of a data set."""
+
+    mu: torch.Tensor
+    lam: torch.Tensor
+    U: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> Gaussian:
+        x = x.double().flatten(1)
+        lam, U = torch.linalg.eigh(torch.cov(x.T))
+        return cls(x.mean(0), lam.clamp(min=0.0), U)
+
+    def denoise(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The posterior mean E[x0 | z] at VE noise level ``sigma`` (z flattened, [N, D])."""
+        return self.mu + ((z - self.mu) @ self.U * (self.lam / (self.lam + sigma**2))) @ self.U.T
+
+    def flow(self, z: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
+        """The probability-flow ODE's exact solution from ``sigma_a`` to ``sigma_b`` (z flattened, [N, D])."""
+        scale = torch.sqrt((self.lam + sigma_b**2) / (self.lam + sigma_a**2))
+        return self.mu + ((z - self.mu) @ self.U * scale) @ self.U.T
+
+
+def teleport(x: torch.Tensor, sigma_a: float, sigma_b: float, uncond: Gaussian, classes: list[Gaussian] | None = None,
+             labels: torch.Tensor | None = None, guidance: float = 1.0, steps: int = 200) -> torch.Tensor:
+    """VP sample ``x`` at VE noise level ``sigma_a`` carried to ``sigma_b`` along the Gaussian ODE.
+
+    ``labels=None`` follows the unconditional Gaussian (closed form); with labels and ``guidance == 1`` each sample
+    follows its class Gaussian (closed form); otherwise the guided denoiser (1 - g) D_u + g D_c, by RK4 in log sigma.
+    """
+    z = x.double().flatten(1) * math.sqrt(1.0 + sigma_a**2)
+    if labels is None:
+        z = uncond.flow(z, sigma_a, sigma_b)
+    else:
+        for k in labels.unique().tolist():
+            rows = labels == k
+            zk = z[rows]
+            if guidance == 1.0:
+                z[rows] = classes[k].flow(zk, sigma_a, sigma_b)
+                continue
+
+            def f(v: torch.Tensor, t: float, k: int = k) -> torch.Tensor:  # dz / d log sigma = z - D(z, sigma)
+                s = math.exp(t)
+                d_u = uncond.denoise(v, s)
+                return v - (d_u + guidance * (classes[k].denoise(v, s) - d_u))
+
+            ts = torch.linspace(math.log(sigma_a), math.log(sigma_b), steps + 1, dtype=torch.float64).tolist()
+            for a, b in zip(ts[:-1], ts[1:], strict=True):
+                h = b - a
+                k1 = f(zk, a)
+                k2 = f(zk + h / 2 * k1, a + h / 2)
+                k3 = f(zk + h / 2 * k2, a + h / 2)
+                k4 = f(zk + h * k3, b)
+                zk = zk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            z[rows] = zk
+    return (z / math.sqrt(1.0 + sigma_b**2)).reshape(x.shape)
+
+
+def search(error, grid: np.ndarray, alpha_cumprod_0: float, minutes: float) -> dict:
+    """Powell over the points after the first of ``grid`` (the parametrisation of ``diffalign calibrate
+    timesteps``), from ``grid``, minimising ``error(sigmas)`` for ``minutes``."""
+    from scipy.optimize import minimize
+
+    from diffalign.samplers.timesteps import lambdas_of, params_of
+
+    lambda_0, lambda_max = -math.log(grid[0]), -0.5 * math.log((1 - alpha_cumprod_0) / alpha_cumprod_0)
+    deadline, best = time.perf_counter() + 60 * minutes, {"loss": math.inf, "u": None, "evaluations": 0}
+
+    class OutOfTime(Exception):
+        pass
+
+    def loss(u: np.ndarray) -> float:
+        if best["evaluations"] and time.perf_counter() > deadline:
+            raise OutOfTime
+        value = error(np.exp(-lambdas_of(np.asarray(u), lambda_0, lambda_max)))
+        best["evaluations"] += 1
+        if value < best["loss"]:
+            best.update(loss=value, u=np.asarray(u, dtype=np.float64))
+        return value
+
+    u_0 = params_of(-np.log(grid), lambda_0, lambda_max)
+    start = loss(u_0)
+    with contextlib.suppress(OutOfTime):
+        minimize(loss, u_0, method="Powell", bounds=[(-4.0, 4.0)] * len(u_0), options={"xtol": 1e-4, "ftol": 1e-9})
+    return {"searched_sigmas": np.exp(-lambdas_of(best["u"], lambda_0, lambda_max)).tolist(),
+            "search_mse_start": start, "search_mse": best["loss"], "search_evaluations": best["evaluations"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="builtin:fashion")
+    parser.add_argument("--samplers", default="dc-solver,unipc,dpm-solver-v3")
+    parser.add_argument("--nfe", default="5,6")
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--num-images", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (0: the sampler benchmark's)")
+    parser.add_argument("--floor", action="store_true", help="also the Gaussian path's own error (100-step solve)")
+    parser.add_argument("--reference-cache", help="safetensors file keeping the reference solution")
+    parser.add_argument("--search-minutes", type=float, default=0.0,
+                        help="also search the grid after the teleport (Powell), this long per row")
+    parser.add_argument("--search-noises", type=int, default=128)
+    parser.add_argument("--search-seed", type=int, default=1)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    from diffalign.eval.sampler_bench import reference_solution, steps_for_nfe
+    from diffalign.models.builtin import load_builtin_data
+    from diffalign.models.registry import load_model
+    from diffalign.models.sampler_data import sampler_overrides
+    from diffalign.samplers import make_scheduler, sample
+    from diffalign.samplers.timesteps import cached_reference
+
+    if not args.model.startswith("builtin:"):
+        raise SystemExit("--model must be a builtin: model (the Gaussian statistics are its training data's).")
+    named = load_model(args.model)
+    g = args.guidance
+    t0 = time.perf_counter()
+    data, data_labels = load_builtin_data(args.model, "train")
+    uncond = Gaussian.fit(data)
+    classes = [Gaussian.fit(data[data_labels == k]) for k in range(len(named.class_names))]
+    zero = Gaussian(torch.zeros_like(uncond.mu), torch.zeros_like(uncond.lam), uncond.U)  # D = 0: AMED's first step
+
+    def noise_set(seed: int, size: int, cache: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(noises, labels, reference solutions) of ``size`` noises of ``seed``."""
+        x_T = torch.randn((size, *named.sample_shape), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+        labels = torch.arange(size) % len(named.class_names) if g != 1.0 else None
+        key = {"model": args.model, "guidance": g, "seed": seed, "num_images": size}
+        return x_T, labels, cached_reference(cache, key, x_T, lambda: reference_solution(named, x_T, labels, g))[0]
+
+    def error(name: str, config: dict, grid, noises, gaussian: Gaussian | None = uncond) -> float:
+        """MSE of ``name`` on ``grid`` (its first point teleported over, unless ``gaussian`` is None)."""
+        x_T, labels, x_ref = noises
+        x = x_T
+        if gaussian is not None:
+            x = teleport(x_T, float(grid[0]), float(grid[1]), gaussian, classes if gaussian is uncond else None,
+                         labels if gaussian is uncond else None, g)
+            grid = grid[1:]
+        with torch.no_grad():
+            out = sample(make_scheduler(name, config), lambda x_t, t: named.predict(x_t, t, labels, g), x.float(),
+                         sigmas=grid)
+        value = torch.mean((out.double() - x_ref) ** 2).item()
+        return value if math.isfinite(value) else 1e6
+
+    held_out = noise_set(args.seed, args.num_images, args.reference_cache)
+    search_cache = None if args.reference_cache is None else str(Path(args.reference_cache).with_suffix("")) + (
+        f"_search{args.search_seed}.safetensors")
+    searching = noise_set(args.search_seed, args.search_noises, search_cache) if args.search_minutes else None
+    print(f"statistics and references: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+    rows = []
+    for name in args.samplers.split(","):
+        config = {**named.scheduler_config, **sampler_overrides(named, name, g, searched=False)}
+        for nfe in [int(k) for k in args.nfe.split(",")]:
+            plain, longer = make_scheduler(name, config), make_scheduler(name, config)
+            plain.set_timesteps(steps_for_nfe(plain, nfe))
+            longer.set_timesteps(steps_for_nfe(longer, nfe + 1))
+            grid = longer.sigmas.double().numpy()[:-1]
+            if len(longer.timesteps) != len(grid) or len(plain.timesteps) != len(grid) - 1:
+                raise SystemExit(f"{name}: the teleport needs a multistep grid, one model evaluation per point.")
+            row = {"sampler": name, "nfe": nfe, "guidance": g, "num_images": args.num_images,
+                   "mse_default": error(name, config, plain.sigmas.double().numpy()[:-1], held_out, None),
+                   "mse_teleport": error(name, config, grid, held_out), "sigma_teleport": float(grid[1]),
+                   "mse_zero": error(name, config, grid, held_out, zero)}
+            if args.floor:  # the teleport, then a 100-step third-order solve
+                fine = np.concatenate([grid[:1], np.logspace(math.log10(grid[1]), -2, 100)])
+                row["mse_floor"] = error("dpm-solver++", {**named.scheduler_config, "solver_order": 3}, fine, held_out)
+            if args.search_minutes:
+                row.update(search(lambda sigmas, n=name, c=config: error(n, c, sigmas, searching), grid,
+                                  float(longer.alphas_cumprod[0]), args.search_minutes))
+                row["mse_teleport_searched"] = error(name, config, np.asarray(row["searched_sigmas"]), held_out)
+            rows.append(row)
+            print(f"{name:14s} NFE {nfe:2d}  " + "  ".join(f"{k.removeprefix('mse_')} {v:.3e}" for k, v in row.items()
+                                                       if k.startswith("mse_")), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/teleport.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.json).write_text(json.dumps({"command": command, "model": args.model, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
