@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     searching = noise_set(args.search_seed, args.search_noises, search_cache) if args.search_minutes else None
     print(f"statistics and references: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    rows = []
+    rows, floors = [], {}
     for name in args.samplers.split(","):
         config = {**named.scheduler_config, **sampler_overrides(named, name, g, searched=False)}
         for nfe in [int(k) for k in args.nfe.split(",")]:
@@ -211,9 +211,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "mse_default": error(name, config, plain.sigmas.double().numpy()[:-1], held_out, None),
                    "mse_teleport": error(name, config, grid, held_out), "sigma_teleport": float(grid[1]),
                    "mse_zero": error(name, config, grid, held_out, zero)}
-            if args.floor:  # the teleport, then a 100-step third-order solve
-                fine = np.concatenate([grid[:1], np.logspace(math.log10(grid[1]), -2, 100)])
-                row["mse_floor"] = error("dpm-solver++", {**named.scheduler_config, "solver_order": 3}, fine, held_out)
+            if args.floor:  # the teleport, then a 100-step third-order solve (once per teleport target)
+                if float(grid[1]) not in floors:
+                    fine = np.concatenate([grid[:1], np.logspace(math.log10(grid[1]), -2, 100)])
+                    floors[float(grid[1])] = error("dpm-solver++", {**named.scheduler_config, "solver_order": 3},
+                                                   fine, held_out)
+                row["mse_floor"] = floors[float(grid[1])]
             if args.search_minutes:
                 row.update(search(lambda sigmas, n=name, c=config: error(n, c, sigmas, searching), grid,
                                   float(longer.alphas_cumprod[0]), args.search_minutes))

@@ -33,6 +33,7 @@ SHRINK = {
     "--grid": "20", "--num-prompts": "2", "--num-pairs": "2", "--repeats": "1", "--fid-images": "20",
     "--eval-images": "4", "--nfe": lambda v: ",".join(v.split(",")[:2]), "--bases": lambda v: v.split(",")[0],
     "--samplers": lambda v: ",".join(v.split(",")[:2]), "--teacher-steps": lambda v: v.split(",")[0],
+    "--search-minutes": "0.02", "--search-noises": "2",
 }
 # options set (replacing the written value, or appended) per command, keyed by the command's first words
 EXTRA = {
@@ -59,6 +60,7 @@ EXTRA = {
     "python benchmarks/ems_variants.py": ["--num-images", "2", "--nfe", "5"],
     "python benchmarks/inversion.py": ["--num-images", "2", "--steps", "5", "--renoise", "0,1"],
     "python benchmarks/step_overhead.py": ["--steps", "5"],
+    "python benchmarks/teleport.py": ["--num-images", "2", "--samplers", "dc-solver", "--nfe", "5"],
     "python benchmarks/timesteps_fid.py": ["--num-images", "20"],
 }
 # positional arguments and environment at test size
