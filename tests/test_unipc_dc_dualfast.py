@@ -284,7 +284,8 @@ def test_dualfast_ddim_step_is_ddim_with_the_mixed_noise_prediction(reference):
 
 
 # sum and sum of squares of sample(dualfast:<base>, MODEL, X64, 8) with the paper's ramp, from the version whose
-# default it was
+# default it was; compared to 1e-7 relative, above float rounding that differs between CPUs (3e-9 seen) and far below
+# what any change of the update does
 PAPER_READING_OUTPUTS = {"dpm-solver++": (-99.75874270942693, 210.1211321832703),
                          "unipc": (-99.501311772264, 211.42532300816595)}
 
@@ -295,8 +296,8 @@ def test_dualfast_paper_reading_stays_selectable_and_reproduces_its_old_outputs(
     sched = make_scheduler(f"dualfast:{base}", dualfast_schedule="linear")
     got = sample(sched, MODEL, X64, 8)
     total, squares = PAPER_READING_OUTPUTS[base]
-    assert got.sum().item() == pytest.approx(total, rel=1e-12)
-    assert got.square().sum().item() == pytest.approx(squares, rel=1e-12)
+    assert got.sum().item() == pytest.approx(total, rel=1e-7)
+    assert got.square().sum().item() == pytest.approx(squares, rel=1e-7)
     ref = make_scheduler(base)
     ref.set_timesteps(8)
     x, prev = X64, None
