@@ -34,7 +34,6 @@ keeps the reference solution (safetensors) for a rerun.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -106,33 +105,15 @@ def teleport(x: torch.Tensor, sigma_a: float, sigma_b: float, uncond: Gaussian, 
 
 
 def search(error, grid: np.ndarray, alpha_cumprod_0: float, minutes: float) -> dict:
-    """Powell over the points after the first of ``grid`` (the parametrisation of ``diffalign calibrate
-    timesteps``), from ``grid``, minimising ``error(sigmas)`` for ``minutes``."""
-    from scipy.optimize import minimize
-
-    from diffalign.samplers.timesteps import lambdas_of, params_of
+    """Powell over the points after the first of ``grid`` (the parametrisation and optimiser of ``diffalign
+    calibrate timesteps``), from ``grid``, minimising ``error(sigmas)`` for ``minutes``."""
+    from diffalign.samplers.timesteps import optimise_grid, params_of
 
     lambda_0, lambda_max = -math.log(grid[0]), -0.5 * math.log((1 - alpha_cumprod_0) / alpha_cumprod_0)
-    deadline, best = time.perf_counter() + 60 * minutes, {"loss": math.inf, "u": None, "evaluations": 0}
-
-    class OutOfTime(Exception):
-        pass
-
-    def loss(u: np.ndarray) -> float:
-        if best["evaluations"] and time.perf_counter() > deadline:
-            raise OutOfTime
-        value = error(np.exp(-lambdas_of(np.asarray(u), lambda_0, lambda_max)))
-        best["evaluations"] += 1
-        if value < best["loss"]:
-            best.update(loss=value, u=np.asarray(u, dtype=np.float64))
-        return value
-
-    u_0 = params_of(-np.log(grid), lambda_0, lambda_max)
-    start = loss(u_0)
-    with contextlib.suppress(OutOfTime):
-        minimize(loss, u_0, method="Powell", bounds=[(-4.0, 4.0)] * len(u_0), options={"xtol": 1e-4, "ftol": 1e-9})
-    return {"searched_sigmas": np.exp(-lambdas_of(best["u"], lambda_0, lambda_max)).tolist(),
-            "search_mse_start": start, "search_mse": best["loss"], "search_evaluations": best["evaluations"]}
+    best = optimise_grid(error, [params_of(-np.log(grid), lambda_0, lambda_max)], lambda_0, lambda_max,
+                         deadline=time.perf_counter() + 60 * minutes)
+    return {"searched_sigmas": best["sigmas"].tolist(), "search_mse_start": best["start_losses"][0],
+            "search_mse": best["loss"], "search_evaluations": best["evaluations"]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -11,6 +11,7 @@ from diffalign.models.registry import load_model
 from diffalign.samplers import SAMPLERS, get_scheduler_class, make_scheduler, sample
 from diffalign.samplers.timesteps import (
     lambdas_of,
+    optimise_grid,
     params_of,
     schedule_fingerprint,
     search_schedule,
@@ -92,6 +93,21 @@ def test_the_parametrisation_is_a_strictly_decreasing_grid_and_inverts():
         assert lam[0] == -5.0 and np.all(np.diff(lam) > 0) and lam[-1] < 3.0
         np.testing.assert_allclose(lambdas_of(params_of(lam, -5.0, 3.0), -5.0, 3.0), lam, atol=1e-9)
     np.testing.assert_allclose(np.diff(lambdas_of(np.zeros(4), -5.0, 3.0)), 8.0 / 5)  # u = 0: uniform in logSNR
+
+
+
+@pytest.mark.parametrize("method", ["powell", "evolution"])
+def test_the_optimiser_finds_a_known_grid_and_keeps_its_evaluation_budget(method):
+    # a smooth error with its minimum at a known grid: the optimiser gets there from the logSNR-uniform grid
+    target = np.array([-5.0, -2.5, -1.0, 0.5, 2.0])
+    error = lambda sigmas: float(np.sum((-np.log(sigmas) - target) ** 2))  # noqa: E731
+    seen = []
+    best = optimise_grid(error, [np.zeros(4)], -5.0, 3.0, deadline=float("inf"), method=method, max_evaluations=3000,
+                         callback=lambda value, best: seen.append(value))
+    assert best["start_losses"] == [seen[0]] and best["evaluations"] == len(seen) <= 3000
+    assert best["loss"] == min(seen) < 1e-3 * seen[0]
+    np.testing.assert_allclose(-np.log(best["sigmas"]), target, atol=0.05)
+    assert optimise_grid(error, [np.zeros(4)], -5.0, 3.0, deadline=0.0, method=method)["evaluations"] == 1
 
 
 EVALS = 120

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,53 @@ class _OutOfTime(Exception):
     """Raised by the objective once the search's time budget is spent."""
 
 
+def optimise_grid(error: Callable[[np.ndarray], float], starts: list[np.ndarray], lambda_0: float, lambda_max: float,
+                  deadline: float, method: str = "powell", seed: int = 0, max_evaluations: int | None = None,
+                  callback: Callable[[float, dict], None] | None = None) -> dict:
+    """Minimise ``error(sigmas)`` over the grid parameters u (module docstring) until ``deadline``.
+
+    Every start is evaluated first, whatever the budget; then Powell runs from the best of them, or differential
+    evolution from a population seeded with them. The optimiser stops at the first evaluation past ``deadline``
+    (a ``time.perf_counter()`` value) or after ``max_evaluations`` grids in all. ``callback(value, best)`` runs after
+    each evaluation. Returns ``best``: ``u``, ``sigmas``, ``loss``, ``evaluations`` and ``start_losses``.
+    """
+    from scipy.optimize import differential_evolution, minimize
+
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}.")
+    best: dict = {"loss": math.inf, "u": None, "evaluations": 0}
+    searching = False
+
+    def loss(u: np.ndarray) -> float:
+        if searching and (time.perf_counter() > deadline  # within an optimiser's iteration too
+                          or (max_evaluations is not None and best["evaluations"] >= max_evaluations)):
+            raise _OutOfTime
+        value = error(np.exp(-lambdas_of(np.asarray(u, dtype=np.float64), lambda_0, lambda_max)))
+        best["evaluations"] += 1
+        if value < best["loss"]:
+            best.update(loss=value, u=np.array(u, dtype=np.float64))
+        if callback is not None:
+            callback(value, best)
+        return value
+
+    best["start_losses"] = [loss(u) for u in starts]
+    bound, dim, searching = 4.0, len(starts[0]), True
+    try:
+        if method == "evolution":
+            init = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(8 * max(dim, 2), dim))
+            for k, u in enumerate(starts):
+                init[k] = np.clip(u, -bound, bound)
+            differential_evolution(loss, [(-bound, bound)] * dim, init=init, maxiter=100000, tol=0.0, polish=False,
+                                   seed=seed)
+        else:
+            minimize(loss, best["u"], method="Powell", bounds=[(-bound, bound)] * dim,
+                     options={"xtol": 1e-4, "ftol": 1e-9, "maxfev": 10**6})
+    except _OutOfTime:
+        pass
+    best["sigmas"] = np.exp(-lambdas_of(best["u"], lambda_0, lambda_max))
+    return best
+
+
 def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
                     minutes: float = 10.0, method: str = "powell", device: str = "cpu", progress: bool = True,
                     state_path: str | Path | None = None, reference_steps: int | None = None,
@@ -193,7 +241,6 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     ``max_evaluations`` also stops the search after that many grids (the starting grids included): a budget that,
     unlike ``minutes``, does not depend on the machine or its load.
     """
-    from scipy.optimize import differential_evolution, minimize
     from tqdm.auto import tqdm
 
     from ..eval.sampler_bench import REFERENCE_STEPS, reference_solution, steps_for_nfe
@@ -249,58 +296,31 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         value = float(torch.mean((x.double() - x_ref.double()) ** 2))
         return value if math.isfinite(value) else 1e6
 
-    best = {"loss": math.inf, "u": None, "evaluations": 0}
     bar = tqdm(total=int(60 * minutes), desc=f"search {sampler} NFE {nfe}", unit="s", disable=not progress)
     last_save = 0.0
-    def loss(u: np.ndarray) -> float:
+
+    def report(value: float, best: dict) -> None:
         nonlocal last_save
-        if searching and (time.perf_counter() > deadline  # within an optimiser's iteration too
-                          or (max_evaluations is not None and best["evaluations"] >= max_evaluations)):
-            raise _OutOfTime
-        value = error(np.exp(-lambdas_of(np.asarray(u, dtype=np.float64), lambda_0, lambda_max)))
-        best["evaluations"] += 1
-        if value < best["loss"]:
-            best.update(loss=value, u=np.array(u, dtype=np.float64))
+        if value == best["loss"]:
             bar.set_postfix(mse=f"{value:.3e}", refresh=False)
         now = time.perf_counter()
         bar.update(max(0, min(int(now - t_start), bar.total) - bar.n))
         if state_path is not None and now - last_save > 5.0:
             Path(state_path).write_text(json.dumps({**key, "u": best["u"].tolist(), "loss": best["loss"]}))
             last_save = now
-        return value
 
-    searching = False
-
-    u_default = params_of(-np.log(default_sigmas), lambda_0, lambda_max)
-    u_uniform = np.zeros(steps - 1)
     ays = make_scheduler(sampler, config)
     ays.set_timesteps(timesteps=ays_timesteps(steps))
-    u_ays = params_of(-np.log(ays.sigmas.double().numpy()[:steps]), lambda_0, lambda_max)
+    starts = [params_of(-np.log(default_sigmas), lambda_0, lambda_max), np.zeros(steps - 1),
+              params_of(-np.log(ays.sigmas.double().numpy()[:steps]), lambda_0, lambda_max)]
     saved = json.loads(Path(state_path).read_text()) if state_path is not None and Path(state_path).is_file() else {}
-    default_loss, uniform_loss, ays_loss = loss(u_default), loss(u_uniform), loss(u_ays)
-    starts = [u_default, u_uniform, u_ays]
     if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:  # an interrupted search: resume
-        loss(np.asarray(saved["u"]))
-        starts.insert(0, np.asarray(saved["u"]))
-
-    bound, searching = 4.0, True
-    try:
-        if method == "evolution":
-            population = 8 * max(steps - 1, 2)
-            rng = np.random.default_rng(seed)
-            init = rng.uniform(-1.0, 1.0, size=(population, steps - 1))
-            for k, u in enumerate(starts):
-                init[k] = np.clip(u, -bound, bound)
-            differential_evolution(loss, [(-bound, bound)] * (steps - 1), init=init, maxiter=100000, tol=0.0,
-                                   polish=False, seed=seed)
-        else:
-            minimize(loss, best["u"], method="Powell", bounds=[(-bound, bound)] * (steps - 1),
-                     options={"xtol": 1e-4, "ftol": 1e-9, "maxfev": 10**6})
-    except _OutOfTime:
-        pass
+        starts.append(np.asarray(saved["u"], dtype=np.float64))
+    best = optimise_grid(error, starts, lambda_0, lambda_max, deadline, method, seed, max_evaluations, report)
+    default_loss, uniform_loss, ays_loss = best["start_losses"][:3]
     bar.update(bar.total - bar.n)
     bar.close()
-    sigmas = np.exp(-lambdas_of(best["u"], lambda_0, lambda_max))
+    sigmas = best["sigmas"]
     return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
             "mse_logsnr_uniform": uniform_loss, "mse_ays": ays_loss, "method": method, "seed": seed,
             "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1),
