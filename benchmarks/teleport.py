@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also search the grid after the teleport (Powell), this long per row")
     parser.add_argument("--search-noises", type=int, default=128)
     parser.add_argument("--search-seed", type=int, default=1)
+    parser.add_argument("--dc-calibrate", type=int, default=0, metavar="N",
+                        help="also calibrate DC-Solver's ratios on each grid it runs (N noises of --search-seed)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
@@ -158,6 +160,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         key = {"model": args.model, "guidance": g, "seed": seed, "num_images": size}
         return x_T, labels, cached_reference(cache, key, x_T, lambda: reference_solution(named, x_T, labels, g))[0]
 
+    def calibrated(config: dict, grid, noises, teleported: bool = True) -> list[float]:
+        """DC-Solver's ratios calibrated on ``grid`` (its first point teleported over if ``teleported``), against
+        the states of a fine third-order solve through the grid's points from the noise."""
+        from diffalign.samplers.calibrate import calibrate_dc_ratios
+        from diffalign.samplers.loop import trajectory
+
+        x_T, labels, x_ref = noises
+        fine, marks = [float(grid[0])], []
+        for a, b in zip(grid[:-1], grid[1:], strict=True):
+            fine += np.geomspace(a, b, 41)[1:].tolist()
+            marks.append(len(fine) - 1)
+        fine += np.geomspace(grid[-1], 1e-2, 41)[1:].tolist()
+        model = lambda x, t: named.predict(x.float(), t, labels, g).double()  # noqa: E731
+        solver = make_scheduler("dpm-solver++", {**named.scheduler_config, "solver_order": 3})
+        with torch.no_grad():
+            states = [x_T] + list(trajectory(solver, model, x_T, sigmas=fine))
+        truth = [states[m] for m in marks] + [x_ref]  # the state at every point after the first, the end
+        x = x_T
+        if teleported:
+            x = teleport(x_T, float(grid[0]), float(grid[1]), uncond, classes, labels, g)
+            grid = grid[1:]
+        else:
+            truth = [x_T] + truth
+        sched = make_scheduler("dc-solver", {**config, "dc_ratios_path": None, "cpr_path": None, "dc_ratios": None})
+        fit = calibrate_dc_ratios(sched, lambda x, t: named.predict(x.float(), t, labels, g).double(), x, len(grid),
+                                  truth, sigmas=[float(s) for s in grid])
+        return fit.ratios
+
     def error(name: str, config: dict, grid, noises, gaussian: Gaussian | None = uncond) -> float:
         """MSE of ``name`` on ``grid`` (its first point teleported over, unless ``gaussian`` is None)."""
         x_T, labels, x_ref = noises
@@ -176,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     search_cache = None if args.reference_cache is None else str(Path(args.reference_cache).with_suffix("")) + (
         f"_search{args.search_seed}.safetensors")
     searching = noise_set(args.search_seed, args.search_noises, search_cache) if args.search_minutes else None
+    if args.dc_calibrate:
+        calibrating = noise_set(args.search_seed, args.dc_calibrate, None)
     print(f"statistics and references: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     rows, floors = [], {}
@@ -202,6 +234,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row.update(search(lambda sigmas, n=name, c=config: error(n, c, sigmas, searching), grid,
                                   float(longer.alphas_cumprod[0]), args.search_minutes))
                 row["mse_teleport_searched"] = error(name, config, np.asarray(row["searched_sigmas"]), held_out)
+            if args.dc_calibrate and name == "dc-solver":  # the ratios calibrated on each grid
+                default_grid = plain.sigmas.double().numpy()[:-1]
+                row["ratios_default_calibrated"] = calibrated(config, default_grid, calibrating, teleported=False)
+                row["mse_default_calibrated"] = error(name, {**config, "dc_ratios": row["ratios_default_calibrated"]},
+                                                      default_grid, held_out, None)
+                row["ratios_teleport_calibrated"] = calibrated(config, grid, calibrating)
+                row["mse_teleport_calibrated"] = error(name, {**config, "dc_ratios": row["ratios_teleport_calibrated"]},
+                                                       grid, held_out)
+                if args.search_minutes:
+                    searched = np.asarray(row["searched_sigmas"])
+                    row["ratios_searched_calibrated"] = calibrated(config, searched, calibrating)
+                    row["mse_teleport_searched_calibrated"] = error(
+                        name, {**config, "dc_ratios": row["ratios_searched_calibrated"]}, searched, held_out)
             rows.append(row)
             print(f"{name:14s} NFE {nfe:2d}  " + "  ".join(f"{k.removeprefix('mse_')} {v:.3e}" for k, v in row.items()
                                                        if k.startswith("mse_")), flush=True)

@@ -193,6 +193,20 @@ def test_calibration_reduces_the_loss_on_the_closed_form_model():
     assert torch.mean((out - truth[-1]) ** 2) < torch.mean((ones - truth[-1]) ** 2)
 
 
+
+def test_calibration_on_an_explicit_grid_compensates_that_grid():
+    model, grid = digits_reference_model(), [80.0, 12.0, 3.0, 0.9, 0.25]
+    fn = lambda x, t: model.guided(x, t, None, 1.0)  # noqa: E731
+    x_T = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    sched = DCSolverScheduler()
+    sched.set_timesteps(sigmas=grid)
+    truth = exact_trajectory(model, sched, x_T, tol=1e-7)
+    result = calibrate_dc_ratios(DCSolverScheduler(), fn, x_T, 5, truth, iters=12, sigmas=grid)
+    assert len(result.ratios) == 5 and sum(result.loss_final) < sum(result.loss_initial)
+    out = sample(DCSolverScheduler(dc_ratios=result.ratios), fn, x_T, sigmas=grid)
+    ones = sample(DCSolverScheduler(), fn, x_T, sigmas=grid)
+    assert torch.mean((out - truth[-1]) ** 2) < torch.mean((ones - truth[-1]) ** 2)
+
 def test_calibration_nan_loss_stops_with_a_clear_message():
     sched = DCSolverScheduler()
     sched.set_timesteps(4)

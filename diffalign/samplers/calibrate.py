@@ -114,11 +114,13 @@ def _restore(obj, snap: dict) -> None:
 
 def calibrate_dc_ratios(scheduler: DCSolverScheduler, model_fn: ModelFn, x_T: torch.Tensor, num_inference_steps: int,
                         ground_truth: Sequence[torch.Tensor], iters: int = 40, lr: float = 0.1, bound: str = "none",
-                        progress: bool = False) -> DCCalibration:
+                        progress: bool = False, sigmas: Sequence[float] | None = None) -> DCCalibration:
     """Search DC-Solver's ratios for ``scheduler`` (its config, ``num_inference_steps``) on the noises ``x_T``.
 
     ``model_fn(x, t)`` returns the raw model output (the scheduler's prediction type, guidance applied) and must
-    be differentiable in x; ``ground_truth[k]`` is the exact state at grid point k (``k = 0..steps``).
+    be differentiable in x; ``ground_truth[k]`` is the exact state at grid point k (``k = 0..steps``). ``sigmas``
+    (the grid's, without the final 0) calibrates on that grid instead of the default one; ``x_T`` is then the
+    state at its first sigma.
     """
     if not isinstance(scheduler, DCSolverScheduler):
         raise ValueError(f"calibration needs a DCSolverScheduler, got {type(scheduler).__name__}.")
@@ -132,7 +134,10 @@ def calibrate_dc_ratios(scheduler: DCSolverScheduler, model_fn: ModelFn, x_T: to
                          f"first {k0} steps are never compensated; use at least {k0 + 1} steps.")
     t_start = time.perf_counter()
     sched = scheduler
-    sched.set_timesteps(num_inference_steps, device=x_T.device)
+    if sigmas is None:
+        sched.set_timesteps(num_inference_steps, device=x_T.device)
+    else:
+        sched.set_timesteps(sigmas=list(sigmas), device=x_T.device)
     n = len(sched.timesteps)
     if len(ground_truth) != n + 1:
         raise ValueError(f"ground_truth has {len(ground_truth)} states; the grid has {n + 1} points.")
