@@ -206,7 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     search_cache = None if args.reference_cache is None else str(Path(args.reference_cache).with_suffix("")) + (
         f"_search{args.search_seed}.safetensors")
     searching = noise_set(args.search_seed, args.search_noises, search_cache) if args.search_minutes else None
-    if args.dc_calibrate:
+    if args.dc_calibrate and searching is not None and args.dc_calibrate <= args.search_noises:
+        calibrating = tuple(None if v is None else v[:args.dc_calibrate] for v in searching)  # the same first noises
+    elif args.dc_calibrate:
         calibrating = noise_set(args.search_seed, args.dc_calibrate, None)
     print(f"statistics and references: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
