@@ -33,7 +33,7 @@ SHRINK = {
     "--grid": "20", "--num-prompts": "2", "--num-pairs": "2", "--repeats": "1", "--fid-images": "20",
     "--eval-images": "4", "--nfe": lambda v: ",".join(v.split(",")[:2]), "--bases": lambda v: v.split(",")[0],
     "--samplers": lambda v: ",".join(v.split(",")[:2]), "--teacher-steps": lambda v: v.split(",")[0],
-    "--search-minutes": "0.02", "--search-noises": "2",
+    "--search-minutes": "0.02", "--search-noises": "2", "--dc-calibrate": "2",
 }
 # options set (replacing the written value, or appended) per command, keyed by the command's first words
 EXTRA = {
