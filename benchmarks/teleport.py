@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             truth = [x_T] + truth
         sched = make_scheduler("dc-solver", {**config, "dc_ratios_path": None, "cpr_path": None, "dc_ratios": None})
-        fit = calibrate_dc_ratios(sched, lambda x, t: named.predict(x.float(), t, labels, g).double(), x, len(grid),
-                                  truth, sigmas=[float(s) for s in grid])
+        fit = calibrate_dc_ratios(sched, model, x, len(grid), truth, sigmas=[float(s) for s in grid])
         return fit.ratios
 
     def error(name: str, config: dict, grid, noises, gaussian: Gaussian | None = uncond) -> float:

@@ -119,8 +119,8 @@ def calibrate_dc_ratios(scheduler: DCSolverScheduler, model_fn: ModelFn, x_T: to
 
     ``model_fn(x, t)`` returns the raw model output (the scheduler's prediction type, guidance applied) and must
     be differentiable in x; ``ground_truth[k]`` is the exact state at grid point k (``k = 0..steps``). ``sigmas``
-    (the grid's, without the final 0) calibrates on that grid instead of the default one; ``x_T`` is then the
-    state at its first sigma.
+    (the grid's, without the final 0) calibrates on that grid instead of the ``num_inference_steps`` default one;
+    ``x_T`` is then the state at its first sigma.
     """
     if not isinstance(scheduler, DCSolverScheduler):
         raise ValueError(f"calibration needs a DCSolverScheduler, got {type(scheduler).__name__}.")
@@ -129,9 +129,6 @@ def calibrate_dc_ratios(scheduler: DCSolverScheduler, model_fn: ModelFn, x_T: to
     if iters < 1 or not lr > 0:
         raise ValueError(f"iters must be >= 1 and lr > 0, got iters={iters}, lr={lr}.")
     k0 = scheduler.config.dc_order
-    if num_inference_steps <= k0:
-        raise ValueError(f"NFE {num_inference_steps} is too small to calibrate DC-Solver with dc_order={k0}: the "
-                         f"first {k0} steps are never compensated; use at least {k0 + 1} steps.")
     t_start = time.perf_counter()
     sched = scheduler
     if sigmas is None:
@@ -139,6 +136,9 @@ def calibrate_dc_ratios(scheduler: DCSolverScheduler, model_fn: ModelFn, x_T: to
     else:
         sched.set_timesteps(sigmas=list(sigmas), device=x_T.device)
     n = len(sched.timesteps)
+    if n <= k0:
+        raise ValueError(f"NFE {n} is too small to calibrate DC-Solver with dc_order={k0}: the first {k0} steps are "
+                         f"never compensated; use at least {k0 + 1} steps.")
     if len(ground_truth) != n + 1:
         raise ValueError(f"ground_truth has {len(ground_truth)} states; the grid has {n + 1} points.")
     sched.dc_ratios_list = [1.0] * n
