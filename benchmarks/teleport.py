@@ -1,17 +1,9 @@
 """Gaussian teleport: solve the first, high-noise part of the sampling ODE in closed form and spend the model
 evaluations on the rest. Does it buy a few-step sampler one step?
 
-At high noise the data distribution, blurred by noise of scale sigma, is close to the Gaussian with the data's mean
-mu and covariance C = U diag(lambda) U^T (Wang & Vastola 2023, "The hidden linear structure in score-based models",
-whose "analytical teleportation" skips the first part of sampling this way; AMED's "analytical first step", Zhou et
-al. 2024, is its crudest form, the denoiser taken as 0). For that Gaussian the probability-flow ODE in VE
-coordinates z = x / alpha, dz / d sigma = (z - D(z, sigma)) / sigma with D the posterior mean
-    D(z, sigma) = mu + U diag(lambda / (lambda + sigma^2)) U^T (z - mu),
-has the solution, from sigma_a to sigma_b,
-    z(sigma_b) = mu + U diag(sqrt((lambda + sigma_b^2) / (lambda + sigma_a^2))) U^T (z(sigma_a) - mu).
-With classifier-free guidance the guided denoiser D_u + g (D_c - D_u) mixes the unconditional and the class
-Gaussians, whose eigenvectors differ, so the guided path is integrated with RK4 in log sigma instead (exact up to
-its own small step error).
+The teleport (:mod:`diffalign.samplers.teleport`, Wang & Vastola 2023's "analytical teleportation") follows the
+probability-flow ODE of the Gaussian fitted to the model's training data (one per class; guided: RK4) from the first
+sigma to a lower one; AMED's "analytical first step" (Zhou et al. 2024) is its crudest form, the denoiser taken as 0.
 
 For each sampler and NFE the script compares, on the benchmark's noises (seed 0, as ``diffalign bench samplers``)
 and its reference solution:
@@ -38,70 +30,10 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-@dataclass
-class Gaussian:
-    """Mean ``mu`` [D] and covariance eigen-decomposition (``lam`` [D], ``U`` [D, D]) of a data set."""
-
-    mu: torch.Tensor
-    lam: torch.Tensor
-    U: torch.Tensor
-
-    @classmethod
-    def fit(cls, x: torch.Tensor) -> Gaussian:
-        x = x.double().flatten(1)
-        lam, U = torch.linalg.eigh(torch.cov(x.T))
-        return cls(x.mean(0), lam.clamp(min=0.0), U)
-
-    def denoise(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
-        """The posterior mean E[x0 | z] at VE noise level ``sigma`` (z flattened, [N, D])."""
-        return self.mu + ((z - self.mu) @ self.U * (self.lam / (self.lam + sigma**2))) @ self.U.T
-
-    def flow(self, z: torch.Tensor, sigma_a: float, sigma_b: float) -> torch.Tensor:
-        """The probability-flow ODE's exact solution from ``sigma_a`` to ``sigma_b`` (z flattened, [N, D])."""
-        scale = torch.sqrt((self.lam + sigma_b**2) / (self.lam + sigma_a**2))
-        return self.mu + ((z - self.mu) @ self.U * scale) @ self.U.T
-
-
-def teleport(x: torch.Tensor, sigma_a: float, sigma_b: float, uncond: Gaussian, classes: list[Gaussian] | None = None,
-             labels: torch.Tensor | None = None, guidance: float = 1.0, steps: int = 200) -> torch.Tensor:
-    """VP sample ``x`` at VE noise level ``sigma_a`` carried to ``sigma_b`` along the Gaussian ODE.
-
-    ``labels=None`` follows the unconditional Gaussian (closed form); with labels and ``guidance == 1`` each sample
-    follows its class Gaussian (closed form); otherwise the guided denoiser (1 - g) D_u + g D_c, by RK4 in log sigma.
-    """
-    z = x.double().flatten(1) * math.sqrt(1.0 + sigma_a**2)
-    if labels is None:
-        z = uncond.flow(z, sigma_a, sigma_b)
-    else:
-        for k in labels.unique().tolist():
-            rows = labels == k
-            zk = z[rows]
-            if guidance == 1.0:
-                z[rows] = classes[k].flow(zk, sigma_a, sigma_b)
-                continue
-
-            def f(v: torch.Tensor, t: float, k: int = k) -> torch.Tensor:  # dz / d log sigma = z - D(z, sigma)
-                s = math.exp(t)
-                d_u = uncond.denoise(v, s)
-                return v - (d_u + guidance * (classes[k].denoise(v, s) - d_u))
-
-            ts = torch.linspace(math.log(sigma_a), math.log(sigma_b), steps + 1, dtype=torch.float64).tolist()
-            for a, b in zip(ts[:-1], ts[1:], strict=True):
-                h = b - a
-                k1 = f(zk, a)
-                k2 = f(zk + h / 2 * k1, a + h / 2)
-                k3 = f(zk + h / 2 * k2, a + h / 2)
-                k4 = f(zk + h * k3, b)
-                zk = zk + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            z[rows] = zk
-    return (z / math.sqrt(1.0 + sigma_b**2)).reshape(x.shape)
 
 
 def search(error, grid: np.ndarray, alpha_cumprod_0: float, minutes: float) -> dict:
@@ -132,6 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--search-seed", type=int, default=1)
     parser.add_argument("--dc-calibrate", type=int, default=0, metavar="N",
                         help="also calibrate DC-Solver's ratios on each grid it runs (N noises of --search-seed)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="rank of the Gaussians' covariances (plus an isotropic rest); default: full rank")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
@@ -140,6 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from diffalign.models.registry import load_model
     from diffalign.models.sampler_data import sampler_overrides
     from diffalign.samplers import make_scheduler, sample
+    from diffalign.samplers.teleport import GaussianTeleport, LowRankGaussian
     from diffalign.samplers.timesteps import cached_reference
 
     if not args.model.startswith("builtin:"):
@@ -148,9 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     g = args.guidance
     t0 = time.perf_counter()
     data, data_labels = load_builtin_data(args.model, "train")
-    uncond = Gaussian.fit(data)
-    classes = [Gaussian.fit(data[data_labels == k]) for k in range(len(named.class_names))]
-    zero = Gaussian(torch.zeros_like(uncond.mu), torch.zeros_like(uncond.lam), uncond.U)  # D = 0: AMED's first step
+    gaussian = GaussianTeleport.fit(data, data_labels, args.rank, len(named.class_names))
+    u = gaussian.uncond  # D = 0: AMED's first step, the noise only rescaled
+    zero = GaussianTeleport(LowRankGaussian(0 * u.mu, u.U, 0 * u.lam, 0 * u.rho), None, gaussian.shape)
 
     def noise_set(seed: int, size: int, cache: str | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(noises, labels, reference solutions) of ``size`` noises of ``seed``."""
@@ -179,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         truth = [states[m] for m in marks] + [x_ref]  # the state at every point after the first, the end
         x = x_T
         if teleported:
-            x = teleport(x_T, float(grid[0]), float(grid[1]), uncond, classes, labels, g)
+            x = gaussian(x_T, float(grid[0]), float(grid[1]), labels, g)
             grid = grid[1:]
         else:
             truth = [x_T] + truth
@@ -187,13 +122,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fit = calibrate_dc_ratios(sched, model, x, len(grid), truth, sigmas=[float(s) for s in grid])
         return fit.ratios
 
-    def error(name: str, config: dict, grid, noises, gaussian: Gaussian | None = uncond) -> float:
-        """MSE of ``name`` on ``grid`` (its first point teleported over, unless ``gaussian`` is None)."""
+    def error(name: str, config: dict, grid, noises, tp: GaussianTeleport | None = gaussian) -> float:
+        """MSE of ``name`` on ``grid`` (its first point teleported over by ``tp``, unless it is None)."""
         x_T, labels, x_ref = noises
         x = x_T
-        if gaussian is not None:
-            x = teleport(x_T, float(grid[0]), float(grid[1]), gaussian, classes if gaussian is uncond else None,
-                         labels if gaussian is uncond else None, g)
+        if tp is not None:
+            x = tp(x_T, float(grid[0]), float(grid[1]), labels if tp is gaussian else None, g)
             grid = grid[1:]
         with torch.no_grad():
             out = sample(make_scheduler(name, config), lambda x_t, t: named.predict(x_t, t, labels, g), x.float(),

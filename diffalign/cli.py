@@ -24,8 +24,11 @@ def _sample(args) -> None:
         label = named.prompt_to_label(args.prompt) if args.prompt is not None else None
         images = sample_images(named, args.sampler, args.steps, args.num_images, label, args.guidance, args.seed,
                                device=args.device, progress=not args.quiet, batch_size=args.batch_size,
-                               searched=not args.default_grid)
+                               searched=not args.default_grid, teleport=_teleport_arg(args.teleport))
     else:  # a local diffusers directory or a hub id
+        if args.teleport:
+            raise ValueError(f"--teleport samples {', '.join(MODELS)} (their sampling loop); a diffusers pipeline "
+                             "runs its own loop. Drop --teleport.")
         from . import load_pipeline
 
         pipe = load_pipeline(args.model, device=args.device)
@@ -48,6 +51,11 @@ def _sample(args) -> None:
     print(f"wrote {args.out} ({len(images)} images)" + (f" and one PNG each in {args.out_dir}" if args.out_dir else ""))
 
 
+def _teleport_arg(value: str | None):
+    """``--teleport`` as :func:`~diffalign.sampling.sample_images` takes it: off, the shipped statistics, a file."""
+    return None if value is None else True if value == "shipped" else value
+
+
 def _bench(args) -> None:
     from .eval.sampler_bench import bench_samplers, report
     from .models.registry import load_model
@@ -56,7 +64,7 @@ def _bench(args) -> None:
     records = bench_samplers(named, [s for s in args.samplers.split(",") if s], [int(k) for k in args.nfe.split(",")],
                              guidance=args.guidance, num_images=args.num_images, seed=args.seed, device=args.device,
                              progress=not args.quiet, grids=tuple(g for g in args.grids.split(",") if g),
-                             schedules=args.schedules)
+                             schedules=args.schedules, teleport=_teleport_arg(args.teleport) or True)
     report(records, args.json)
 
 
@@ -86,6 +94,19 @@ def _calibrate_timesteps(args) -> None:
           f"{entry['mse_logsnr_uniform']:.4e} (logSNR-uniform), {entry['mse_ays']:.4e} (AYS) -> {entry['mse']:.4e} "
           f"searched ({gain:.2f}x lower than the default) in "
           f"{entry['seconds']:.0f} s; wrote {path}")
+
+
+def _calibrate_teleport(args) -> None:
+    from .models.registry import load_model
+    from .samplers.teleport import fit_model_teleport
+
+    named = load_model(args.model, device=args.device, prompts=args.prompts)
+    teleport = fit_model_teleport(named, args.num_datapoints, args.datapoints, args.rank or None, args.seed,
+                                  device=args.device, progress=not args.quiet)
+    path = teleport.save(args.out, model=args.model, datapoints=args.datapoints, num_datapoints=args.num_datapoints,
+                         seed=args.seed)
+    print(f"Gaussian teleport statistics of {args.model}: {1 + len(teleport.classes)} Gaussians of shape "
+          f"{list(teleport.shape)}, rank {teleport.rank}; wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def _calibrate_dc(args) -> None:
@@ -205,7 +226,8 @@ def _eval_fid(args) -> None:
         named = load_model(args.model, device=args.device)
         result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,
                               args.seed, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                              searched=not args.default_grid)
+                              searched=not args.default_grid, teleport=_teleport_arg(args.teleport))
+        result["teleport"] = args.teleport
         result["model"] = args.model
     result.update(features=features_name, reference=str(stats))
     print(f"FID {result['fid']:.4f} ({features_name} features, reference {stats})")
@@ -309,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="images per batch (memory); default: all at once")
     s.add_argument("--default-grid", action="store_true",
                    help="use the model's default time steps even where searched ones are shipped")
+    s.add_argument("--teleport", nargs="?", const="shipped", default=None, metavar="FILE",
+                   help="replace the first model evaluation by the Gaussian teleport (the model's shipped "
+                        "statistics, or this file from `diffalign calibrate teleport`); the sampler then takes --steps "
+                        "evaluations on the last points of its default steps + 1-point grid")
     s.add_argument("--out", default="grid.png", help="the grid of all images (PNG, JPEG or WebP)")
     s.add_argument("--out-dir", default=None, help="also write one PNG per image here (names carry prompt and seed)")
     s.add_argument("--json", default=None, help="write per-image metadata (seed, model, file) here")
@@ -326,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--grids", default="default",
                     help="comma-separated: default (the model's grid), logsnr (uniform in logSNR), ays (Align Your "
                          "Steps' Stable Diffusion timesteps), searched (searched time steps, from --schedules or the "
-                         "shipped ones)")
+                         "shipped ones), teleport (the Gaussian teleport, then the default grid's other points)")
+    bs.add_argument("--teleport", default=None, metavar="FILE",
+                    help="teleport statistics for --grids teleport (default: the model's shipped ones)")
     bs.add_argument("--schedules", default=None, help="directory of schedule files <sampler>_g<guidance>.json")
     bs.add_argument("--json", default=None)
     bs.set_defaults(func=_bench)
@@ -361,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--reference-steps", type=int, default=500,
                     help="steps of the DPM-Solver++(3M) reference solution (fewer for an expensive model)")
     ct.set_defaults(func=_calibrate_timesteps)
+    cg = csub.add_parser("teleport", help="fit the Gaussian teleport's statistics (first model evaluation for free)")
+    _model_arguments(cg, "builtin:fashion")
+    cg.add_argument("--rank", type=int, default=64,
+                    help="rank of each covariance, plus an isotropic rest (0: full rank)")
+    cg.add_argument("--datapoints", choices=["data", "samples"], default="data",
+                    help="the model's data set, or its own samples (50-step DPM-Solver++, no guidance)")
+    cg.add_argument("--num-datapoints", type=int, default=60000, help="at most this many (all of a smaller data set)")
+    cg.add_argument("--seed", type=int, default=0)
+    cg.add_argument("--out", required=True, help="statistics file (safetensors)")
+    cg.set_defaults(func=_calibrate_teleport)
     cc = csub.add_parser("cpr", help="fit the cascade polynomial regression to calibrated ratio files")
     cc.add_argument("--inputs", required=True, help="comma-separated ratio JSON files")
     cc.add_argument("--out", required=True)
@@ -419,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     ef.add_argument("--batch-size", type=int, default=250, help="images sampled per batch (memory)")
     ef.add_argument("--default-grid", action="store_true",
                     help="use the model's default time steps even where searched ones are shipped")
+    ef.add_argument("--teleport", nargs="?", const="shipped", default=None, metavar="FILE",
+                    help="sample with the Gaussian teleport (as `diffalign sample --teleport`)")
     ef.add_argument("--json", default=None)
     ef.set_defaults(func=_eval_fid)
     er = evsub.add_parser("reward", help="mean reward of a model on a fixed (prompt, seed) set")
@@ -493,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("action", choices=["list"])
     sl.set_defaults(func=_samplers)
 
-    for sp in (s, bs, cd, ct, cc, ec, ef, es, m):
+    for sp in (s, bs, cd, ct, cg, cc, ec, ef, es, m):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
     for sp in (t, er, ap, ds):
@@ -547,6 +587,8 @@ def _validate(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if getattr(args, "rank", None) is not None and args.rank < 0:
+        raise ValueError(f"--rank must be >= 0 (0: full rank), got {args.rank}.")
     nfe = getattr(args, "nfe", None)
     if nfe is not None:
         try:

@@ -12,25 +12,32 @@ from .samplers import make_scheduler, trajectory
 
 def sample_images(named_model, sampler: str, steps: int, num_images: int, label: int | None = None,
                   guidance: float = 1.0, seed: int = 0, device: str = "cpu", progress: bool = True,
-                  batch_size: int | None = None, searched: bool = True) -> torch.Tensor:
+                  batch_size: int | None = None, searched: bool = True, teleport=None) -> torch.Tensor:
     """Images in [0, 1], shape [N, C, H, W]; class-conditional (and guided) when ``label`` is given.
 
     The model's shipped data for the sampler apply (:func:`~diffalign.models.sampler_data.sampler_overrides`),
     searched time steps included unless ``searched=False``.
+
+    ``teleport`` (``True``: the model's shipped statistics; or a file, or a
+    :class:`~diffalign.samplers.teleport.GaussianTeleport`) replaces the first model evaluation by the Gaussian
+    teleport: the sampler runs ``steps`` evaluations on the last ``steps`` points of its default ``steps + 1``-point
+    grid (:func:`~diffalign.samplers.teleport.teleport_grid`; searched time steps do not apply).
 
     Image i starts from the noise of seed ``seed + i`` (see :func:`image_seeds`), so with a deterministic sampler
     it does not depend on ``batch_size`` (default: all images in one batch) or on the other images.
     """
     from tqdm.auto import tqdm
 
-    from .models.sampler_data import sampler_overrides
+    from .models.sampler_data import load_teleport, sampler_overrides
+    from .samplers.teleport import teleport_grid
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
     batch_size = batch_size or num_images
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    overrides = sampler_overrides(named_model, sampler, guidance, searched=searched)
+    teleport = load_teleport(named_model.name, teleport)
+    overrides = sampler_overrides(named_model, sampler, guidance, searched=searched and teleport is None)
     noise = initial_noise(named_model.sample_shape, image_seeds(seed, num_images), named_model.dtype)
     batches = range(0, num_images, batch_size)
     bar = tqdm(desc=sampler, total=steps * len(batches), unit="step", disable=not progress)
@@ -45,7 +52,11 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
         def model(x_t, t, labels=labels):
             return named_model.predict(x_t, t, labels, guidance)
 
-        for x_next in trajectory(sched, model, x, steps, generator=gen):
+        grid = {}
+        if teleport is not None:
+            sigmas = teleport_grid(sched, steps)
+            x, grid = teleport(x, sigmas[0], sigmas[1], labels, guidance), {"sigmas": sigmas[1:]}
+        for x_next in trajectory(sched, model, x, None if grid else steps, generator=gen, **grid):
             x = x_next
             bar.update()
         out.append(((x.float().clamp(-1, 1) + 1) / 2).cpu())

@@ -44,6 +44,7 @@ EXTRA = {
     "diffalign eval reward": ["--num-images", "4"],
     "diffalign calibrate dc-solver": ["--num-datapoints", "2", "--iters", "2"],
     "diffalign calibrate timesteps": ["--num-noises", "4"],
+    "diffalign calibrate teleport": ["--num-datapoints", "300"],  # a few per class
     "diffalign ems compute": ["--num-datapoints", "8", "--grid", "40"],  # 4 datapoints give NaN statistics
     "diffalign data synth": ["--num-prompts", "2", "--k", "2", "--steps", "4"],
     "diffalign align export-pairs": ["--num-pairs", "2", "--steps", "4"],

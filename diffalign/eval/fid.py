@@ -196,11 +196,15 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
 
 def fid_of_model(named_model, sampler: str, steps: int, num_images: int, features: Features, stats_path: str | Path,
                  guidance: float = 1.0, seed: int = 0, batch_size: int = 250, device: str = "cpu",
-                 progress: bool = True, searched: bool = True) -> dict:
-    """FID of ``num_images`` class-balanced samples of a model against stored reference statistics."""
+                 progress: bool = True, searched: bool = True, teleport=None) -> dict:
+    """FID of ``num_images`` class-balanced samples of a model against stored reference statistics (``searched``
+    and ``teleport`` as in :func:`~diffalign.sampling.sample_images`)."""
     import time
 
+    from ..models.sampler_data import load_teleport
     from ..sampling import sample_images
+
+    teleport = load_teleport(named_model.name, teleport)
 
     fid = FID(features, device=device)
     fid.load_reference(stats_path)
@@ -215,7 +219,7 @@ def fid_of_model(named_model, sampler: str, steps: int, num_images: int, feature
         for start in range(0, n_k, batch_size):
             n = min(batch_size, n_k - start)
             fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + 1000 * k + start,
-                                  device=device, progress=False, searched=searched))
+                                  device=device, progress=False, searched=searched, teleport=teleport))
             bar.update(n)
     bar.close()
     return {"fid": fid.compute(), "num_images": num_images, "sampler": sampler, "steps": steps,

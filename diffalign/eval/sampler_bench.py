@@ -84,24 +84,29 @@ class _TimedStep:
         return out
 
 
-GRIDS = ("default", "logsnr", "ays", "searched")
+GRIDS = ("default", "logsnr", "ays", "searched", "teleport")
 """Grids a benchmark can run each sampler on: the model's default grid, uniform in logSNR, Align Your Steps' fixed
-Stable Diffusion timesteps (a baseline), or searched time steps."""
+Stable Diffusion timesteps (a baseline), searched time steps, or the default grid with one more point whose first
+step the Gaussian teleport takes (:mod:`diffalign.samplers.teleport`)."""
 
 
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    progress: bool = True, variants: dict[str, tuple[str, dict]] | None = None,
-                   grids: tuple[str, ...] = ("default",), schedules: str | Path | None = None) -> list[BenchRecord]:
+                   grids: tuple[str, ...] = ("default",), schedules: str | Path | None = None,
+                   teleport=True) -> list[BenchRecord]:
     """Run each sampler at each NFE from the same noise; diffusers' DPM-Solver++ and UniPC are always included.
 
     ``variants`` adds rows ``label -> (sampler name, extra config)``, e.g. a sampler with non-default options.
     ``grids`` adds, per diffalign sampler, rows ``<name>@logsnr`` (``use_lu_lambdas``), ``<name>@ays`` (AYS' Stable
     Diffusion timesteps, :func:`~diffalign.samplers.timesteps.ays_timesteps`) and ``<name>@searched``
     (searched time steps: the files in the ``schedules`` directory, ``<sampler>_g<guidance>.json``, else the shipped
-    ones; NFEs without a searched grid are left out). Plain rows use the default grid.
+    ones; NFEs without a searched grid are left out) and ``<name>@teleport`` (the Gaussian teleport, then the sampler's
+    NFE evaluations on the rest of its default NFE + 1-point grid; multistep samplers only; ``teleport``: the shipped
+    statistics, a file or a :class:`~diffalign.samplers.teleport.GaussianTeleport`). Plain rows use the default grid.
     """
-    from ..models.sampler_data import schedule_file
+    from ..models.sampler_data import load_teleport, schedule_file
+    from ..samplers.teleport import teleport_grid
     from ..samplers.timesteps import ays_timesteps
 
     variants = dict(variants or {})
@@ -120,6 +125,9 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                     else schedule_file(named_model.name, name, guidance))
             if file.is_file():
                 variants[f"{name}@searched"] = (name, {"timesteps_path": str(file), "timesteps_missing": "error"})
+        if "teleport" in grids:
+            variants[f"{name}@teleport"] = (name, {})
+    teleport = load_teleport(named_model.name, teleport) if "teleport" in grids else None
     names = list(dict.fromkeys(list(samplers) + list(BASELINES) + list(variants)))
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=torch.float64)
@@ -140,8 +148,15 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                 continue
         else:
             steps = steps_for_nfe(sched, nfe)
-        custom = {}
-        if label.endswith("@ays"):
+        custom, x = {}, x_T.to(device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        if label.endswith("@teleport"):
+            try:
+                sigmas = teleport_grid(sched, steps)
+            except ValueError:
+                continue  # singlestep samplers and warm-ups: not one evaluation per point
+            x, custom = teleport(x, sigmas[0], sigmas[1], labels, guidance), {"sigmas": sigmas[1:]}
+        elif label.endswith("@ays"):
             custom = {"timesteps": ays_timesteps(steps)}
             try:
                 sched.set_timesteps(**custom)
@@ -151,14 +166,13 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                 continue  # a warm-up (PNDM) makes more evaluations than grid points
         timer = _TimedStep(sched)
         sched.step = timer
-        x = x_T.to(device=device, dtype=dtype)
-        t0 = time.perf_counter()
         with torch.no_grad():
             x = sample(sched, lambda x_t, t: named_model.predict(x_t, t, labels, guidance), x,
                        None if custom else steps, **custom)
         seconds = time.perf_counter() - t0
-        if abs(float(sched.sigmas[0]) - sigma_start) > 1e-3 * sigma_start:
-            raise ValueError(f"{name} starts at sigma {float(sched.sigmas[0]):.4g}, not {sigma_start:.4g}.")
+        start = sigmas[0] if label.endswith("@teleport") else float(sched.sigmas[0])
+        if abs(start - sigma_start) > 1e-3 * sigma_start:
+            raise ValueError(f"{name} starts at sigma {start:.4g}, not {sigma_start:.4g}.")
         mse = torch.mean((x.double() - x_ref.double()) ** 2, dim=tuple(range(1, x.ndim))).mean().item()
         records.append(BenchRecord(label, len(sched.timesteps), guidance, mse, seconds,
                                    1e6 * timer.seconds / max(timer.calls, 1)))

@@ -1,7 +1,8 @@
 """Shipped per-model sampler data, looked up in one place: DPM-Solver-v3 statistics (``ems/<model>/``), DC-Solver
-ratios and their regression (``dc_ratios/<model>/``) and searched time steps (``schedules/<model>/``), each made by
-this project's own commands (``diffalign ems compute``, ``diffalign calibrate dc-solver`` / ``cpr``,
-``diffalign calibrate timesteps``). Sampling, the pipelines and the benchmark all ask :func:`sampler_overrides`.
+ratios and their regression (``dc_ratios/<model>/``), searched time steps (``schedules/<model>/``) and the Gaussian
+teleport's statistics (``teleport/<model>.safetensors``), each made by this project's own commands (``diffalign ems
+compute``, ``diffalign calibrate dc-solver`` / ``cpr``, ``diffalign calibrate timesteps``, ``diffalign calibrate
+teleport``). Sampling, the pipelines and the benchmark all ask :func:`sampler_overrides`.
 
 Model names are written with ``:`` as ``_`` (``builtin:fashion`` -> ``builtin_fashion``).
 """
@@ -15,6 +16,7 @@ HERE = Path(__file__).parent
 DC_RATIOS = HERE / "dc_ratios"
 EMS_DIR = HERE / "ems"
 SCHEDULES = HERE / "schedules"
+TELEPORT = HERE / "teleport"
 
 
 def _slug(name: str) -> str:
@@ -24,6 +26,27 @@ def _slug(name: str) -> str:
 def schedule_file(model: str, sampler: str, guidance: float) -> Path:
     """Where the searched time steps of (model, sampler, guidance) are shipped."""
     return SCHEDULES / _slug(model) / f"{sampler.replace(':', '_')}_g{float(guidance):g}.json"
+
+
+def teleport_file(model: str) -> Path:
+    """Where the Gaussian teleport's statistics of ``model`` are shipped."""
+    return TELEPORT / f"{_slug(model)}.safetensors"
+
+
+def load_teleport(model: str, teleport=True):
+    """The teleport a sampling call asked for: ``None``/``False`` (none), ``True`` (the statistics shipped for
+    ``model``), a path to statistics, or a :class:`~diffalign.samplers.teleport.GaussianTeleport`."""
+    from ..samplers.teleport import GaussianTeleport
+
+    if teleport is None or teleport is False or isinstance(teleport, GaussianTeleport):
+        return teleport or None
+    if teleport is True:
+        path = teleport_file(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"no teleport statistics are shipped for {model!r}; make them with `diffalign "
+                                    f"calibrate teleport --model {model} --out FILE` and pass that file.")
+        return GaussianTeleport.load(path)
+    return GaussianTeleport.load(teleport)
 
 
 def shipped_overrides(name: str) -> dict:

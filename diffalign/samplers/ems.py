@@ -913,7 +913,8 @@ def model_eps_fn(named_model, guidance: float = 1.0) -> EpsFn:
 
 
 def model_datapoints(named_model, num_datapoints: int, kind: str = "data", guidance: float = 1.0, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True) -> tuple[Tensor, Tensor | None]:
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     labelled: bool = False) -> tuple[Tensor, Tensor | None]:
     """K datapoints (x0, labels) for a named model.
 
     ``kind="data"``: the data set the model was built on, drawn without replacement (with, past the data set's
@@ -922,7 +923,8 @@ def model_datapoints(named_model, num_datapoints: int, kind: str = "data", guida
     model registers its own
     with ``named_model.extra["datapoints"] = fn(K, generator) -> (x0, labels)``. ``kind="samples"``: samples of
     the model at ``guidance`` (50-step DPM-Solver++, labels cycling over the classes when guided), as the paper
-    does for guided EMS. Labels are None for unguided EMS (``guidance == 1``).
+    does for guided EMS. Labels are None for unguided EMS (``guidance == 1``) unless ``labelled`` (then samples are
+    class-conditional at every guidance, labels cycling over the classes).
     """
     gen = torch.Generator().manual_seed(_seed(seed, 7))
     k = int(num_datapoints)
@@ -946,21 +948,21 @@ def model_datapoints(named_model, num_datapoints: int, kind: str = "data", guida
             raise ValueError(f"model {named_model.name} has no data set registered for EMS; use datapoints='samples' "
                              "(--datapoints samples).")
     elif kind == "samples":
-        x0, labels = _model_samples(named_model, k, guidance, gen, device, progress)
+        x0, labels = _model_samples(named_model, k, guidance, gen, device, progress, labelled=labelled)
     else:
         raise ValueError(f"datapoints={kind!r} must be 'data' or 'samples'.")
-    if guidance == 1.0:
+    if guidance == 1.0 and not labelled:
         labels = None
     return x0.to(device=device, dtype=named_model.dtype), (None if labels is None else labels.to(device))
 
 
 def _model_samples(named_model, k: int, guidance: float, gen: torch.Generator, device, progress: bool,
-                   steps: int = 50, batch: int = 512) -> tuple[Tensor, Tensor | None]:
+                   steps: int = 50, batch: int = 512, labelled: bool = False) -> tuple[Tensor, Tensor | None]:
     from tqdm.auto import tqdm
 
     from . import make_scheduler
 
-    labels = torch.arange(k) % len(named_model.class_names) if guidance != 1.0 else None
+    labels = torch.arange(k) % len(named_model.class_names) if guidance != 1.0 or labelled else None
     x_T = torch.randn((k, *named_model.sample_shape), generator=gen, dtype=named_model.dtype)
     out = []
     for start in tqdm(range(0, k, batch), desc="datapoints (samples)", disable=not progress):
