@@ -181,3 +181,22 @@ def test_sampling_with_the_teleport_spends_steps_evaluations(monkeypatch):
     assert not torch.allclose(with_tp, plain)
     with pytest.raises(FileNotFoundError, match="calibrate teleport"):
         load_teleport("builtin:nothing", True)
+
+
+def test_the_pipeline_teleports_as_sample_images_does():
+    from diffalign.models.registry import load_model
+    from diffalign.pipelines.class_conditional import builtin_pipeline
+    from diffalign.sampling import initial_noise, sample_images
+
+    pipe = builtin_pipeline("builtin:digits")
+    noise = initial_noise((1, 8, 8), [0, 1, 2])
+    kwargs = {"class_labels": [3], "num_images_per_prompt": 3, "guidance_scale": 2.0, "num_inference_steps": 5,
+              "latents": noise, "output_type": "pt", "shipped_sampler_data": False}
+    teleported = pipe(**kwargs, teleport=True).images
+    expected = sample_images(load_model("builtin:digits"), "dpm-solver++", 5, 3, label=3, guidance=2.0,
+                             progress=False, teleport=True)
+    torch.testing.assert_close(teleported, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(teleported, pipe(**kwargs).images, atol=1e-3)
+    pipe.register_to_config(model_name=None)
+    with pytest.raises(ValueError, match="model_name"):
+        pipe(**kwargs, teleport=True)

@@ -143,6 +143,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
         shipped_sampler_data: bool = True,
+        teleport=None,
     ):
         """Generate images.
 
@@ -158,6 +159,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
             latents: initial noise (unit variance) instead of drawing it.
             shipped_sampler_data: complete the scheduler with the model's shipped sampler data
                 (:meth:`sampling_scheduler`); False samples with ``self.scheduler`` exactly as configured.
+            teleport: replace the first model evaluation by the Gaussian teleport
+                (:mod:`diffalign.samplers.teleport`): ``True`` for the statistics shipped for ``config.model_name``,
+                or a statistics file, or a ``GaussianTeleport``. The scheduler (multistep) then takes
+                ``num_inference_steps`` model evaluations on the last points of its ``num_inference_steps + 1``-point
+                grid.
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
@@ -178,8 +184,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
         unet_labels = torch.cat([cond, null]) if guided else cond
 
         sched = self.sampling_scheduler(guidance_scale if guided else 1.0) if shipped_sampler_data else self.scheduler
-        sched.set_timesteps(num_inference_steps, device=device)
-        x = latents.to(device=device, dtype=dtype) * sched.init_noise_sigma
+        x = latents.to(device=device, dtype=dtype)
+        if teleport is not None and teleport is not False:
+            from ..models.sampler_data import load_teleport
+            from ..samplers.teleport import teleport_grid
+
+            model = getattr(self.config, "model_name", None)
+            if teleport is True and not model:
+                raise ValueError("teleport=True takes the statistics shipped for the pipeline's model_name, which this "
+                                 "pipeline lacks; pass a statistics file (`diffalign calibrate teleport`) instead.")
+            sigmas = teleport_grid(sched, num_inference_steps)
+            x = load_teleport(model or "", teleport)(x, sigmas[0], sigmas[1], labels,
+                                                     guidance_scale if guided else 1.0)
+            sched.set_timesteps(sigmas=sigmas[1:], device=device)
+        else:
+            sched.set_timesteps(num_inference_steps, device=device)
+            x = x * sched.init_noise_sigma
         step_kwargs = {}
         if "generator" in inspect.signature(sched.step).parameters:
             step_kwargs["generator"] = generator
