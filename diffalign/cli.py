@@ -207,6 +207,9 @@ def _eval_fid(args) -> None:
         stats = weights_dir(features_name.split(":", 1)[1]) / "fid_stats.safetensors"
     if stats is None:
         raise ValueError("pass --stats (reference statistics from `diffalign eval fid-stats`).")
+    if args.teleport and (args.images or base != args.model):
+        raise ValueError("--teleport samples a registry model (builtin:..., reference:digits); drop it for an image "
+                         "folder or a `diffalign train` output.")
     if args.images:
         fid = FID(features, device=args.device)
         fid.load_reference(stats)

@@ -163,6 +163,9 @@ def test_the_command_line_fits_samples_and_benchmarks_with_the_teleport(tmp_path
     assert "dpm-solver++@teleport" in capsys.readouterr().out
     assert main(["calibrate", "teleport", "--model", "reference:digits", "--rank", "-1", "--out", str(stats)]) == 2
     assert "--rank must be >= 0" in capsys.readouterr().err
+    assert main(["eval", "fid", "--images", str(tmp_path), "--features", "classifier:builtin:digits",
+                 "--teleport"]) == 2
+    assert "--teleport samples a registry model" in capsys.readouterr().err
 
 
 def test_sampling_with_the_teleport_spends_steps_evaluations(monkeypatch):
