@@ -121,7 +121,7 @@ class GaussianTeleport:
                              "class-conditional samples.")
         if labels is not None and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise ValueError(f"labels must lie in [0, {len(self.classes)}), got {labels.min()}..{labels.max()}.")
-        z = x.double().flatten(1).to(self.uncond.mu.device) * math.sqrt(1.0 + sigma_from**2)
+        z = x.detach().flatten(1).to(self.uncond.mu.device).double() * math.sqrt(1.0 + sigma_from**2)
         if labels is None:
             z = self.uncond.flow(z, sigma_from, sigma_to)
         else:
@@ -130,7 +130,7 @@ class GaussianTeleport:
                 rows = labels == k
                 z[rows] = (self.classes[k].flow(z[rows], sigma_from, sigma_to) if guidance == 1.0 else
                            self._guided(z[rows], self.classes[k], sigma_from, sigma_to, guidance, steps))
-        return (z / math.sqrt(1.0 + sigma_to**2)).reshape(x.shape).to(device=x.device, dtype=x.dtype)
+        return (z / math.sqrt(1.0 + sigma_to**2)).reshape(x.shape).to(x.dtype).to(x.device)
 
     def _guided(self, z: torch.Tensor, cls: LowRankGaussian, sigma_a: float, sigma_b: float, guidance: float,
                 steps: int) -> torch.Tensor:
