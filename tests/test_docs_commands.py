@@ -244,6 +244,7 @@ def test_page_commands_run(page, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("diffalign.eval.sampler_bench.REFERENCE_STEPS", 50)
     tour = tour_commands()
+    shipped = _shipped_files()
     for command in commands(page):
         if command.startswith(("pip ", "python3 -m venv")) or command == "python -m pytest -q -n auto":
             assert setup_command_runs_in_ci(command), f"{_name(page)}: `{command}` is not what .ci/run runs"
@@ -253,6 +254,12 @@ def test_page_commands_run(page, tmp_path, monkeypatch):
         start = time.perf_counter()
         run(command, cwd)
         print(f"{time.perf_counter() - start:6.1f} s  {command}")
+    assert _shipped_files() == shipped, f"{_name(page)}: a command wrote into the package's shipped files"
+
+
+def _shipped_files() -> dict[str, int]:
+    """The package's data files (weights, sampler data) and their modification times."""
+    return {str(p): p.stat().st_mtime_ns for p in (ROOT / "diffalign" / "models").rglob("*") if p.is_file()}
 
 
 def test_commands_are_found():
