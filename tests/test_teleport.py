@@ -118,6 +118,8 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     config = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
     with pytest.raises(ValueError, match="multistep"):
         teleport_grid(make_scheduler("pndm", config), 4)  # a warm-up: more evaluations than grid points
+    with pytest.raises(ValueError, match="explicit sigmas"):
+        teleport_grid(make_scheduler("dpm-solver", config), 4)  # singlestep: adds its own intermediate points
     with pytest.raises(ValueError, match="init_noise_sigma"):
         teleport_grid(make_scheduler("diffusers:EulerDiscreteScheduler", config), 4)
 

@@ -199,6 +199,11 @@ def teleport_grid(scheduler, steps: int) -> list[float]:
     if len(scheduler.timesteps) != steps + 1 or len(sigmas) != steps + 1:
         raise ValueError(f"{type(scheduler).__name__} makes {len(scheduler.timesteps)} model evaluations on "
                          f"{len(sigmas)} grid points; the teleport needs a multistep sampler, one evaluation a point.")
+    try:
+        scheduler.set_timesteps(sigmas=sigmas[1:])  # the grid the sampler will run after the teleport
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{type(scheduler).__name__} cannot run the grid after the teleport ({err}); the teleport "
+                         "needs a multistep sampler that takes explicit sigmas.") from err
     return sigmas
 
 
