@@ -29,7 +29,6 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     from tqdm.auto import tqdm
 
     from .models.sampler_data import load_teleport, sampler_overrides
-    from .samplers.teleport import teleport_grid
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}.")
@@ -54,8 +53,8 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
 
         grid = {}
         if teleport is not None:
-            sigmas = teleport_grid(sched, steps)
-            x, grid = teleport(x, sigmas[0], sigmas[1], labels, guidance), {"sigmas": sigmas[1:]}
+            x, sigmas = teleport.start(sched, x, steps, labels, guidance)
+            grid = {"sigmas": sigmas}
         for x_next in trajectory(sched, model, x, None if grid else steps, generator=gen, **grid):
             x = x_next
             bar.update()

@@ -124,6 +124,35 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         teleport_grid(make_scheduler("diffusers:EulerDiscreteScheduler", config), 4)
 
 
+def test_statistics_files_are_read_once_per_version(tmp_path):
+    import os
+
+    from diffalign.models.sampler_data import load_teleport
+
+    data = torch.randn(50, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    path = GaussianTeleport.fit(data, rank=2).save(tmp_path / "t.safetensors")
+    first = load_teleport("any", str(path))
+    assert load_teleport("any", path) is first  # a pipeline called in a loop does not re-read the file
+    GaussianTeleport.fit(data + 1.0, rank=2).save(path)
+    os.utime(path, ns=(1, first_mtime := os.stat(path).st_mtime_ns + 10**9))
+    again = load_teleport("any", path)
+    assert again is not first and os.stat(path).st_mtime_ns == first_mtime
+    torch.testing.assert_close(again.uncond.mu, first.uncond.mu + 1.0)
+    with pytest.raises(FileNotFoundError, match="calibrate teleport"):
+        load_teleport("any", tmp_path / "missing.safetensors")
+
+
+def test_start_is_the_grid_then_the_teleport():
+    config = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+    tp = GaussianTeleport.fit(torch.randn(80, 1, 2, 2, generator=torch.Generator().manual_seed(4)), rank=None)
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(5))
+    sched = make_scheduler("dc-solver", config)
+    out, sigmas = tp.start(sched, x, 4)
+    grid = teleport_grid(make_scheduler("dc-solver", config), 4)
+    assert sigmas == grid[1:] and len(sigmas) == 4
+    torch.testing.assert_close(out, tp(x, grid[0], grid[1]))
+
+
 def test_teleport_grid_is_the_next_longer_default_grid():
     config = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
     sched = make_scheduler("dpm-solver++", config)

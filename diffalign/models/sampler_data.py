@@ -10,6 +10,7 @@ Model names are written with ``:`` as ``_`` (``builtin:fashion`` -> ``builtin_fa
 from __future__ import annotations
 
 import inspect
+from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -33,6 +34,14 @@ def teleport_file(model: str) -> Path:
     return TELEPORT / f"{_slug(model)}.safetensors"
 
 
+@lru_cache(maxsize=8)
+def _read_teleport(path: str, mtime_ns: int):
+    """Statistics read once per file version (a pipeline called in a loop does not re-read them)."""
+    from ..samplers.teleport import GaussianTeleport
+
+    return GaussianTeleport.load(path)
+
+
 def load_teleport(model: str, teleport=True):
     """The teleport a sampling call asked for: ``None``/``False`` (none), ``True`` (the statistics shipped for
     ``model``), a path to statistics, or a :class:`~diffalign.samplers.teleport.GaussianTeleport`."""
@@ -45,8 +54,12 @@ def load_teleport(model: str, teleport=True):
         if not path.is_file():
             raise FileNotFoundError(f"no teleport statistics are shipped for {model!r}; make them with `diffalign "
                                     f"calibrate teleport --model {model} --out FILE` and pass that file.")
-        return GaussianTeleport.load(path)
-    return GaussianTeleport.load(teleport)
+    else:
+        path = Path(teleport)
+        if not path.is_file():
+            return GaussianTeleport.load(path)  # its own error names the fix
+    path = path.resolve()
+    return _read_teleport(str(path), path.stat().st_mtime_ns)
 
 
 def shipped_overrides(name: str) -> dict:

@@ -187,16 +187,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         x = latents.to(device=device, dtype=dtype)
         if teleport is not None and teleport is not False:
             from ..models.sampler_data import load_teleport
-            from ..samplers.teleport import teleport_grid
 
             model = getattr(self.config, "model_name", None)
             if teleport is True and not model:
                 raise ValueError("teleport=True takes the statistics shipped for the pipeline's model_name, which this "
                                  "pipeline lacks; pass a statistics file (`diffalign calibrate teleport`) instead.")
-            sigmas = teleport_grid(sched, num_inference_steps)
-            x = load_teleport(model or "", teleport)(x, sigmas[0], sigmas[1], labels,
-                                                     guidance_scale if guided else 1.0)
-            sched.set_timesteps(sigmas=sigmas[1:], device=device)
+            x, sigmas = load_teleport(model or "", teleport).start(sched, x, num_inference_steps, labels,
+                                                                   guidance_scale if guided else 1.0)
+            sched.set_timesteps(sigmas=sigmas, device=device)
         else:
             sched.set_timesteps(num_inference_steps, device=device)
             x = x * sched.init_noise_sigma

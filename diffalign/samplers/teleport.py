@@ -19,9 +19,8 @@ D_u + g (D_c - D_u) mixes the unconditional and the class Gaussian, whose eigenv
 by RK4 in log sigma instead, at the cost of a few hundred products with the low-rank bases.
 
     teleport = GaussianTeleport.fit(images, labels, rank=64)   # or GaussianTeleport.load("teleport.safetensors")
-    sigmas = teleport_grid(scheduler, steps)                  # steps + 1 points, one model evaluation per point
-    x = teleport(noise, sigmas[0], sigmas[1], labels, guidance)
-    x = sample(scheduler, model, x, sigmas=sigmas[1:])       # `steps` model evaluations
+    x, sigmas = teleport.start(scheduler, noise, steps, labels, guidance)   # no model evaluation
+    x = sample(scheduler, model, x, sigmas=sigmas)                       # `steps` model evaluations
 """
 
 from __future__ import annotations
@@ -131,6 +130,14 @@ class GaussianTeleport:
                 z[rows] = (self.classes[k].flow(z[rows], sigma_from, sigma_to) if guidance == 1.0 else
                            self._guided(z[rows], self.classes[k], sigma_from, sigma_to, guidance, steps))
         return (z / math.sqrt(1.0 + sigma_to**2)).reshape(x.shape).to(x.dtype).to(x.device)
+
+    def start(self, scheduler, x: torch.Tensor, steps: int, labels: torch.Tensor | None = None,
+              guidance: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+        """The teleport's share of a sampling run of ``steps`` model evaluations: ``(x, sigmas)``, the noise ``x``
+        carried to the second point of ``scheduler``'s default ``steps + 1``-point grid (:func:`teleport_grid`), and
+        the ``steps`` sigmas the scheduler then runs on (``set_timesteps(sigmas=sigmas)``)."""
+        grid = teleport_grid(scheduler, steps)
+        return self(x, grid[0], grid[1], labels, guidance), grid[1:]
 
     def _guided(self, z: torch.Tensor, cls: LowRankGaussian, sigma_a: float, sigma_b: float, guidance: float,
                 steps: int) -> torch.Tensor:
