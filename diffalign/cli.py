@@ -76,10 +76,13 @@ def _calibrate_timesteps(args) -> None:
     state = Path(str(args.out) + ".search.json")  # the best grid so far: a rerun resumes from it
     # the reference solution, shared by the searches of other samplers and NFEs written to the same directory
     cache = Path(args.out).parent / f".reference_g{args.guidance:g}_n{args.num_noises}_s{args.seed}.safetensors"
+    from .models.sampler_data import load_teleport
+
+    teleport = load_teleport(args.model, _teleport_arg(args.teleport))
     entry = search_schedule(named, args.sampler, args.nfe, args.guidance, args.num_noises, args.seed, args.minutes,
                             args.method, device=args.device, progress=not args.quiet, state_path=state,
                             reference_steps=args.reference_steps, reference_cache=cache,
-                            max_evaluations=args.max_evaluations)
+                            max_evaluations=args.max_evaluations, teleport=teleport)
     if entry["evaluations"] <= entry["starts"]:
         print(f"diffalign: warning: the {args.minutes:g}-minute budget was spent before the search began (on the "
               "reference solution and the starting grids); the result is the best starting grid. Give more "
@@ -90,7 +93,8 @@ def _calibrate_timesteps(args) -> None:
     path = write_entry(args.out, args.model, args.sampler, float(args.guidance), schedule, entry)
     state.unlink(missing_ok=True)
     gain = entry["mse_default"] / entry["mse"] if entry["mse"] > 0 else float("inf")
-    print(f"{args.sampler} NFE {args.nfe} ({entry['steps']} steps): MSE {entry['mse_default']:.4e} (default grid), "
+    steps = f"{entry['steps']} grid points, teleported" if teleport else f"{entry['steps']} steps"
+    print(f"{args.sampler} NFE {args.nfe} ({steps}): MSE {entry['mse_default']:.4e} (default grid), "
           f"{entry['mse_logsnr_uniform']:.4e} (logSNR-uniform), {entry['mse_ays']:.4e} (AYS) -> {entry['mse']:.4e} "
           f"searched ({gain:.2f}x lower than the default) in "
           f"{entry['seconds']:.0f} s; wrote {path}")
@@ -355,10 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--grids", default="default",
                     help="comma-separated: default (the model's grid), logsnr (uniform in logSNR), ays (Align Your "
                          "Steps' Stable Diffusion timesteps), searched (searched time steps, from --schedules or the "
-                         "shipped ones), teleport (the Gaussian teleport, then the default grid's other points)")
+                         "shipped ones), teleport (the Gaussian teleport, then the default grid's other points), "
+                         "teleport-searched (the teleport on a grid searched with it: calibrate timesteps --teleport)")
     bs.add_argument("--teleport", default=None, metavar="FILE",
                     help="teleport statistics for --grids teleport (default: the model's shipped ones)")
-    bs.add_argument("--schedules", default=None, help="directory of schedule files <sampler>_g<guidance>.json")
+    bs.add_argument("--schedules", default=None,
+                    help="directory of schedule files <sampler>_g<guidance>.json (_teleport.json with the teleport)")
     bs.add_argument("--json", default=None)
     bs.set_defaults(func=_bench)
 
@@ -391,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--seed", type=int, default=1, help="noise seed (keep it apart from the benchmark's)")
     ct.add_argument("--reference-steps", type=int, default=500,
                     help="steps of the DPM-Solver++(3M) reference solution (fewer for an expensive model)")
+    ct.add_argument("--teleport", nargs="?", const="shipped", default=None, metavar="FILE",
+                    help="search the grid of a teleported run (NFE + 1 points, the Gaussian teleport over the first "
+                         "stretch; the model's shipped statistics, or this file); write it to "
+                         "<sampler>_g<guidance>_teleport.json, which `sample --teleport` and `bench samplers --grids "
+                         "teleport-searched` read")
     ct.set_defaults(func=_calibrate_timesteps)
     cg = csub.add_parser("teleport", help="fit the Gaussian teleport's statistics (first model evaluation for free)")
     _model_arguments(cg, "builtin:fashion")

@@ -21,7 +21,8 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     ``teleport`` (``True``: the model's shipped statistics; or a file, or a
     :class:`~diffalign.samplers.teleport.GaussianTeleport`) replaces the first model evaluation by the Gaussian
     teleport: the sampler runs ``steps`` evaluations on the last ``steps`` points of its default ``steps + 1``-point
-    grid (:func:`~diffalign.samplers.teleport.teleport_grid`; searched time steps do not apply).
+    grid (:func:`~diffalign.samplers.teleport.teleport_grid`), or on the time steps searched with the teleport where
+    they are shipped (``searched``).
 
     Image i starts from the noise of seed ``seed + i`` (see :func:`image_seeds`), so with a deterministic sampler
     it does not depend on ``batch_size`` (default: all images in one batch) or on the other images.
@@ -36,7 +37,7 @@ def sample_images(named_model, sampler: str, steps: int, num_images: int, label:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     teleport = load_teleport(named_model.name, teleport)
-    overrides = sampler_overrides(named_model, sampler, guidance, searched=searched and teleport is None)
+    overrides = sampler_overrides(named_model, sampler, guidance, searched, teleport is not None)
     noise = initial_noise(named_model.sample_shape, image_seeds(seed, num_images), named_model.dtype)
     batches = range(0, num_images, batch_size)
     bar = tqdm(desc=sampler, total=steps * len(batches), unit="step", disable=not progress)

@@ -112,9 +112,10 @@ def test_time_quadratic_spacing_converges_and_beats_time_uniform_for_dpm_solver_
 
 
 DEFAULT_ORDERS = {"ddim": 1, "dpm-solver": 3, "dpm-solver++": 2, "dpm-solver-v3": 2, "pndm": 2, "unipc": 3,
-                  "dc-solver": 3}
+                  "dc-solver": 3, "gaussian-ei": 3}
 """Order of each sampler's default configuration at many steps (DPM-Solver: singlestep DPM-Solver-3; v3: above 20
-steps DPM-Solver++(2M); PNDM: s-pndm; UniPC / DC-Solver: UniP-2 with the UniC corrector)."""
+steps DPM-Solver++(2M); PNDM: s-pndm; UniPC / DC-Solver: UniP-2 with the UniC corrector; Gaussian EI: third order,
+no statistics)."""
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["base", "dualfast"])

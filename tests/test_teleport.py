@@ -234,3 +234,41 @@ def test_the_pipeline_teleports_as_sample_images_does():
     pipe.register_to_config(model_name=None)
     with pytest.raises(ValueError, match="model_name"):
         pipe(**kwargs, teleport=True)
+
+
+def test_grids_searched_with_the_teleport_are_written_read_and_benchmarked(tmp_path, capsys, monkeypatch):
+    """`calibrate timesteps --teleport` searches NFE + 1 points with the teleport over the first stretch; the file
+    is what teleported sampling and `bench samplers --grids teleport-searched` read."""
+    import json
+
+    from diffalign.cli import main
+    from diffalign.models import sampler_data
+    from diffalign.models.registry import load_model
+    from diffalign.sampling import sample_images
+
+    out = tmp_path / "gaussian-ei_g1_teleport.json"
+    assert main(["calibrate", "timesteps", "--model", "reference:digits", "--sampler", "gaussian-ei", "--nfe", "3",
+                 "--teleport", "--max-evaluations", "12", "--num-noises", "4", "--out", str(out), "--quiet"]) == 0
+    assert "4 grid points, teleported" in capsys.readouterr().out
+    entry = json.loads(out.read_text())["entries"][0]
+    assert entry["steps"] == 4 and entry["nfe"] == 3 and entry["teleport"] is True
+    assert entry["mse"] <= entry["mse_default"]
+    # teleport_grid reads the searched grid for 3 evaluations
+    sched = make_scheduler("gaussian-ei", timesteps_path=str(out))
+    assert teleport_grid(sched, 3) == pytest.approx(entry["sigmas"], rel=1e-6)
+    # shipped beside the model, sampling with the teleport uses it, and sampling without does not
+    monkeypatch.setattr(sampler_data, "SCHEDULES", tmp_path / "schedules")
+    shipped = sampler_data.schedule_file("reference:digits", "gaussian-ei", 1.0, teleport=True)
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(out.read_text())
+    named = load_model("reference:digits")
+    assert sampler_data.sampler_overrides(named, "gaussian-ei", 1.0, teleport=True)["timesteps_path"] == str(shipped)
+    assert "timesteps_path" not in sampler_data.sampler_overrides(named, "gaussian-ei", 1.0)
+    searched = sample_images(named, "gaussian-ei", 3, 2, progress=False, teleport=True)
+    default = sample_images(named, "gaussian-ei", 3, 2, progress=False, teleport=True, searched=False)
+    assert not torch.allclose(searched, default)
+    assert main(["bench", "samplers", "--model", "reference:digits", "--samplers", "gaussian-ei", "--nfe", "3,4",
+                 "--num-images", "2", "--grids", "default,teleport,teleport-searched", "--schedules", str(tmp_path),
+                 "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "gaussian-ei@teleport-searched" in table and "gaussian-ei@teleport " in table

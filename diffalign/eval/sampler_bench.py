@@ -84,10 +84,10 @@ class _TimedStep:
         return out
 
 
-GRIDS = ("default", "logsnr", "ays", "searched", "teleport")
+GRIDS = ("default", "logsnr", "ays", "searched", "teleport", "teleport-searched")
 """Grids a benchmark can run each sampler on: the model's default grid, uniform in logSNR, Align Your Steps' fixed
-Stable Diffusion timesteps (a baseline), searched time steps, or the default grid with one more point whose first
-step the Gaussian teleport takes (:mod:`diffalign.samplers.teleport`)."""
+Stable Diffusion timesteps (a baseline), searched time steps, the default grid with one more point whose first
+step the Gaussian teleport takes (:mod:`diffalign.samplers.teleport`), or a grid searched with the teleport."""
 
 
 def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: float = 1.0, num_images: int = 16,
@@ -101,9 +101,11 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
     ``grids`` adds, per diffalign sampler, rows ``<name>@logsnr`` (``use_lu_lambdas``), ``<name>@ays`` (AYS' Stable
     Diffusion timesteps, :func:`~diffalign.samplers.timesteps.ays_timesteps`) and ``<name>@searched``
     (searched time steps: the files in the ``schedules`` directory, ``<sampler>_g<guidance>.json``, else the shipped
-    ones; NFEs without a searched grid are left out) and ``<name>@teleport`` (the Gaussian teleport, then the sampler's
+    ones; NFEs without a searched grid are left out), ``<name>@teleport`` (the Gaussian teleport, then the sampler's
     NFE evaluations on the rest of its default NFE + 1-point grid; multistep samplers only; ``teleport``: the shipped
-    statistics, a file or a :class:`~diffalign.samplers.teleport.GaussianTeleport`). Plain rows use the default grid.
+    statistics, a file or a :class:`~diffalign.samplers.teleport.GaussianTeleport`) and ``<name>@teleport-searched``
+    (the same on the NFE + 1-point grid searched with the teleport, ``<sampler>_g<guidance>_teleport.json``). Plain
+    rows use the default grid.
     """
     from ..models.sampler_data import load_teleport, schedule_file
     from ..samplers.teleport import teleport_grid
@@ -127,7 +129,14 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                 variants[f"{name}@searched"] = (name, {"timesteps_path": str(file), "timesteps_missing": "error"})
         if "teleport" in grids:
             variants[f"{name}@teleport"] = (name, {})
-    teleport = load_teleport(named_model.name, teleport) if "teleport" in grids else None
+        if "teleport-searched" in grids:
+            file = (Path(schedules) / schedule_file("", name, guidance, teleport=True).name if schedules is not None
+                    else schedule_file(named_model.name, name, guidance, teleport=True))
+            if file.is_file():
+                variants[f"{name}@teleport-searched"] = (name, {"timesteps_path": str(file),
+                                                                "timesteps_missing": "error"})
+    teleported = ("@teleport", "@teleport-searched")
+    teleport = load_teleport(named_model.name, teleport) if {"teleport", "teleport-searched"} & set(grids) else None
     names = list(dict.fromkeys(list(samplers) + list(BASELINES) + list(variants)))
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn((num_images, *named_model.sample_shape), generator=gen, dtype=torch.float64)
@@ -146,15 +155,17 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
                 sched.set_timesteps(steps)
             except ValueError:
                 continue
+        elif label.endswith("@teleport-searched"):  # its grid has steps + 1 points: teleport_grid reads it
+            steps = steps_for_nfe(make_scheduler(name, plain), nfe)
         else:
             steps = steps_for_nfe(sched, nfe)
         custom, x = {}, x_T.to(device=device, dtype=dtype)
         t0 = time.perf_counter()
-        if label.endswith("@teleport"):
+        if label.endswith(teleported):
             try:
                 sigmas = teleport_grid(sched, steps)
             except ValueError:
-                continue  # singlestep samplers and warm-ups: not one evaluation per point
+                continue  # singlestep samplers and warm-ups (not one evaluation a point), NFEs without a searched grid
             x, custom = teleport(x, sigmas[0], sigmas[1], labels, guidance), {"sigmas": sigmas[1:]}
         elif label.endswith("@ays"):
             custom = {"timesteps": ays_timesteps(steps)}
@@ -170,7 +181,7 @@ def bench_samplers(named_model, samplers: list[str], nfes: list[int], guidance: 
             x = sample(sched, lambda x_t, t: named_model.predict(x_t, t, labels, guidance), x,
                        None if custom else steps, **custom)
         seconds = time.perf_counter() - t0
-        start = sigmas[0] if label.endswith("@teleport") else float(sched.sigmas[0])
+        start = sigmas[0] if label.endswith(teleported) else float(sched.sigmas[0])
         if abs(start - sigma_start) > 1e-3 * sigma_start:
             raise ValueError(f"{name} starts at sigma {start:.4g}, not {sigma_start:.4g}.")
         mse = torch.mean((x.double() - x_ref.double()) ** 2, dim=tuple(range(1, x.ndim))).mean().item()

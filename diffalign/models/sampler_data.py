@@ -24,9 +24,11 @@ def _slug(name: str) -> str:
     return name.replace(":", "_")
 
 
-def schedule_file(model: str, sampler: str, guidance: float) -> Path:
-    """Where the searched time steps of (model, sampler, guidance) are shipped."""
-    return SCHEDULES / _slug(model) / f"{sampler.replace(':', '_')}_g{float(guidance):g}.json"
+def schedule_file(model: str, sampler: str, guidance: float, teleport: bool = False) -> Path:
+    """Where the searched time steps of (model, sampler, guidance) are shipped; ``teleport``: those searched with the
+    Gaussian teleport over their first stretch (``<sampler>_g<guidance>_teleport.json``)."""
+    suffix = "_teleport" if teleport else ""
+    return SCHEDULES / _slug(model) / f"{sampler.replace(':', '_')}_g{float(guidance):g}{suffix}.json"
 
 
 def teleport_file(model: str) -> Path:
@@ -64,7 +66,8 @@ def load_teleport(model: str, teleport=True):
 
 def shipped_overrides(name: str) -> dict:
     """Per-sampler config entries pointing at the calibration files shipped for model ``name`` (not guidance
-    dependent: DC-Solver ratios / CPR and the v3 statistics directory, which holds one set per guidance)."""
+    dependent: DC-Solver ratios / CPR, the v3 statistics directory, which holds one set per guidance, and the data
+    Gaussian of the Gaussian exponential integrator, the teleport's statistics)."""
     slug = _slug(name)
     overrides: dict = {}
     dc = {key: str(DC_RATIOS / slug / file) for key, file in (("dc_ratios_path", "ratios.json"),
@@ -74,10 +77,12 @@ def shipped_overrides(name: str) -> dict:
         overrides["dc-solver"] = dc
     if (EMS_DIR / slug / "ems.safetensors").is_file() or any((EMS_DIR / slug).glob("*/ems.safetensors")):
         overrides["dpm-solver-v3"] = {"ems_path": str(EMS_DIR / slug)}
+    if teleport_file(name).is_file():
+        overrides["gaussian-ei"] = {"gaussian_path": str(teleport_file(name))}
     return overrides
 
 
-def sampler_overrides(named_model, name: str, guidance: float, searched: bool = True) -> dict:
+def sampler_overrides(named_model, name: str, guidance: float, searched: bool = True, teleport: bool = False) -> dict:
     """Config entries for sampler ``name`` on this model at ``guidance``.
 
     * the model's calibration data (``NamedModel.sampler_overrides``; a ``dualfast:<base>`` sampler uses its base's);
@@ -85,18 +90,20 @@ def sampler_overrides(named_model, name: str, guidance: float, searched: bool = 
     * with ``searched``, the shipped searched time steps for (model, sampler, guidance), used for the step counts
       they were searched for (``timesteps_missing="default"``: other step counts keep the default grid). DC-Solver's
       ratios were calibrated on the default grid, so DC-Solver keeps it; a ``timesteps_path`` of the model's own
-      data wins over the shipped one.
+      data wins over the shipped one. ``teleport``: the time steps searched with the teleport instead (the grid a
+      teleported run takes, ``steps + 1`` points for ``steps`` model evaluations).
     """
     table = getattr(named_model, "sampler_overrides", None) or {}
-    return _overrides(table, getattr(named_model, "name", ""), name, guidance, searched)
+    return _overrides(table, getattr(named_model, "name", ""), name, guidance, searched, teleport)
 
 
-def model_sampler_overrides(model: str, name: str, guidance: float, searched: bool = True) -> dict:
+def model_sampler_overrides(model: str, name: str, guidance: float, searched: bool = True,
+                            teleport: bool = False) -> dict:
     """:func:`sampler_overrides` for a model known by its name only (a pipeline's ``model_name``)."""
-    return _overrides(shipped_overrides(model), model, name, guidance, searched)
+    return _overrides(shipped_overrides(model), model, name, guidance, searched, teleport)
 
 
-def _overrides(table: dict, model: str, name: str, guidance: float, searched: bool) -> dict:
+def _overrides(table: dict, model: str, name: str, guidance: float, searched: bool, teleport: bool) -> dict:
     from ..samplers import get_scheduler_class
 
     overrides = dict(table.get(name) or table.get(name.removeprefix("dualfast:")) or {})
@@ -104,7 +111,7 @@ def _overrides(table: dict, model: str, name: str, guidance: float, searched: bo
         return overrides
     if "guidance_scale" in inspect.signature(get_scheduler_class(name).__init__).parameters:
         overrides["guidance_scale"] = float(guidance)
-    path = schedule_file(model, name, guidance)
+    path = schedule_file(model, name, guidance, teleport)
     if searched and path.is_file() and not {"dc_ratios_path", "cpr_path", "timesteps_path"} & set(overrides):
         overrides.update(timesteps_path=str(path), timesteps_missing="default")
     return overrides

@@ -73,13 +73,13 @@ class ClassConditionalPipeline(DiffusionPipeline):
                                 model_name=model_name)
         self._shipped: tuple | None = None
 
-    def sampling_scheduler(self, guidance_scale: float = 1.0):
+    def sampling_scheduler(self, guidance_scale: float = 1.0, teleport: bool = False):
         """The scheduler a call samples with: ``self.scheduler``, completed with the shipped data of
         ``config.model_name`` for its sampler at ``guidance_scale`` (DPM-Solver-v3 statistics, DC-Solver ratios,
         searched time steps; :func:`~diffalign.models.sampler_data.sampler_overrides`) where its config leaves
         them unset, so that ``pipe.scheduler = DPMSolverV3Scheduler.from_config(pipe.scheduler.config)`` samples
         as ``diffalign sample`` does. Values set in the scheduler's config are kept; ``guidance_scale`` follows the
-        call."""
+        call. ``teleport``: the time steps searched with the Gaussian teleport instead."""
         from ..models.sampler_data import model_sampler_overrides
         from ..samplers import SAMPLERS
 
@@ -88,7 +88,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if not model or sampler is None:
             return sched
         config = {k: v for k, v in sched.config.items() if not k.startswith("_")}  # no _use_default_values
-        overrides = model_sampler_overrides(model, sampler, guidance_scale)
+        overrides = model_sampler_overrides(model, sampler, guidance_scale, teleport=teleport)
         if config.get("timesteps_path") is not None:  # ratios calibrated on the default grid do not apply to theirs
             overrides = {k: v for k, v in overrides.items() if k not in ("dc_ratios_path", "cpr_path")}
         updates = {k: v for k, v in overrides.items()
@@ -183,9 +183,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         guided = labels is not None and guidance_scale != 1.0
         unet_labels = torch.cat([cond, null]) if guided else cond
 
-        sched = self.sampling_scheduler(guidance_scale if guided else 1.0) if shipped_sampler_data else self.scheduler
+        teleporting = teleport is not None and teleport is not False
+        sched = (self.sampling_scheduler(guidance_scale if guided else 1.0, teleporting) if shipped_sampler_data
+                 else self.scheduler)
         x = latents.to(device=device, dtype=dtype)
-        if teleport is not None and teleport is not False:
+        if teleporting:
             from ..models.sampler_data import load_teleport
 
             model = getattr(self.config, "model_name", None)

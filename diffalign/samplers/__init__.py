@@ -15,6 +15,7 @@ from .dpm_solver import DPMSolverScheduler
 from .dpm_solver_pp import DPMSolverPlusPlusScheduler
 from .dpm_solver_v3 import DPMSolverV3Scheduler
 from .dualfast import dualfast_class
+from .gaussian_ei import GaussianEIScheduler
 from .loop import sample, trajectory
 from .pndm import PNDMScheduler
 from .unipc import UniPCScheduler
@@ -27,6 +28,7 @@ SAMPLERS: dict[str, type] = {
     "pndm": PNDMScheduler,
     "unipc": UniPCScheduler,
     "dc-solver": DCSolverScheduler,
+    "gaussian-ei": GaussianEIScheduler,
 }
 """Registry: sampler name -> scheduler class."""
 
@@ -71,6 +73,7 @@ __all__ = [
     "DPMSolverPlusPlusScheduler",
     "DPMSolverV3Scheduler",
     "DiffAlignScheduler",
+    "GaussianEIScheduler",
     "PNDMScheduler",
     "UniPCScheduler",
     "dualfast_class",

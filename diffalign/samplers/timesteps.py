@@ -226,7 +226,8 @@ def optimise_grid(error: Callable[[np.ndarray], float], starts: list[np.ndarray]
 def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, num_noises: int = 32, seed: int = 1,
                     minutes: float = 10.0, method: str = "powell", device: str = "cpu", progress: bool = True,
                     state_path: str | Path | None = None, reference_steps: int | None = None,
-                    reference_cache: str | Path | None = None, max_evaluations: int | None = None) -> dict:
+                    reference_cache: str | Path | None = None, max_evaluations: int | None = None,
+                    teleport=None) -> dict:
     """Search the grid of ``sampler`` with ``nfe`` model evaluations on ``named_model`` at ``guidance``.
 
     Returns the schedule-file entry: ``steps``, ``nfe``, ``sigmas``, the final-sample MSE of the searched, default
@@ -240,6 +241,11 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
     so that searches for other samplers and NFEs at the same model, guidance and noises do not pay for it again.
     ``max_evaluations`` also stops the search after that many grids (the starting grids included): a budget that,
     unlike ``minutes``, does not depend on the machine or its load.
+
+    ``teleport`` (a :class:`~diffalign.samplers.teleport.GaussianTeleport`) searches the grid of a teleported run:
+    ``steps + 1`` points, the teleport from the first to the second, the sampler's ``steps`` evaluations on the rest.
+    The entry then has ``steps + 1`` points (``"teleport": true``), the grid :func:`~diffalign.samplers.teleport.
+    teleport_grid` reads for ``steps`` evaluations; keep it in its own file (``schedule_file(..., teleport=True)``).
     """
     from tqdm.auto import tqdm
 
@@ -259,9 +265,14 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         raise ValueError(f"{sampler} runs singlestep here, whose intermediate points it places itself; search a "
                          "multistep configuration (solver_mode='multistep').")
     steps = steps_for_nfe(probe, nfe)
-    if steps < 2:
+    if teleport is not None:
+        from .teleport import teleport_grid
+
+        teleport_grid(probe, steps)  # refuses samplers that cannot run a teleported grid
+    points = steps + (teleport is not None)  # the grid's points: the teleport's start comes on top
+    if points < 2:
         raise ValueError(f"{sampler} makes {steps} step(s) with {nfe} model evaluations: nothing to place.")
-    probe.set_timesteps(steps)
+    probe.set_timesteps(points)
     default_sigmas = probe.sigmas.double().numpy()[:-1]
     lam = lambda s: -math.log(s)  # noqa: E731  (VE sigma -> lambda = log(alpha / sigma))
     ac0 = float(probe.alphas_cumprod[0])
@@ -274,6 +285,8 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
            "num_noises": num_noises}
     if reference_steps is not None and int(reference_steps) != REFERENCE_STEPS:
         key["reference_steps"] = int(reference_steps)
+    if teleport is not None:
+        key["teleport"] = True
     if "pipeline" in named_model.extra:  # a diffusers pipeline: label k is the k-th of these prompts
         key["prompts"] = list(named_model.class_names)
     t_start = time.perf_counter()  # the budget covers the reference solution too
@@ -290,9 +303,12 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
         return named_model.predict(x_t, t, labels, guidance)
 
     def error(sigmas: np.ndarray) -> float:
+        x = x_T.to(device=device, dtype=named_model.dtype)
+        if teleport is not None:
+            x = teleport(x, float(sigmas[0]), float(sigmas[1]), labels, guidance)
+            sigmas = sigmas[1:]
         with torch.no_grad():
-            x = sample(make_scheduler(sampler, config), model, x_T.to(device=device, dtype=named_model.dtype),
-                       sigmas=sigmas)
+            x = sample(make_scheduler(sampler, config), model, x, sigmas=[float(v) for v in sigmas])
         value = float(torch.mean((x.double() - x_ref.double()) ** 2))
         return value if math.isfinite(value) else 1e6
 
@@ -310,19 +326,19 @@ def search_schedule(named_model, sampler: str, nfe: int, guidance: float = 1.0, 
             last_save = now
 
     ays = make_scheduler(sampler, config)
-    ays.set_timesteps(timesteps=ays_timesteps(steps))
-    starts = [params_of(-np.log(default_sigmas), lambda_0, lambda_max), np.zeros(steps - 1),
-              params_of(-np.log(ays.sigmas.double().numpy()[:steps]), lambda_0, lambda_max)]
+    ays.set_timesteps(timesteps=ays_timesteps(points))
+    starts = [params_of(-np.log(default_sigmas), lambda_0, lambda_max), np.zeros(points - 1),
+              params_of(-np.log(ays.sigmas.double().numpy()[:points]), lambda_0, lambda_max)]
     saved = json.loads(Path(state_path).read_text()) if state_path is not None and Path(state_path).is_file() else {}
-    if {k: saved.get(k) for k in key} == key and len(saved["u"]) == steps - 1:  # an interrupted search: resume
+    if {k: saved.get(k) for k in key} == key and len(saved["u"]) == points - 1:  # an interrupted search: resume
         starts.append(np.asarray(saved["u"], dtype=np.float64))
     best = optimise_grid(error, starts, lambda_0, lambda_max, deadline, method, seed, max_evaluations, report)
     default_loss, uniform_loss, ays_loss = best["start_losses"][:3]
     bar.update(bar.total - bar.n)
     bar.close()
     sigmas = best["sigmas"]
-    return {"steps": steps, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
+    return {"steps": points, "nfe": nfe, "sigmas": sigmas.tolist(), "mse": best["loss"], "mse_default": default_loss,
             "mse_logsnr_uniform": uniform_loss, "mse_ays": ays_loss, "method": method, "seed": seed,
             "num_noises": num_noises, "seconds": round(time.perf_counter() - t_start, 1),
             "evaluations": best["evaluations"], "starts": len(starts),
-            **{k: key[k] for k in ("prompts", "reference_steps") if k in key}}
+            **{k: key[k] for k in ("prompts", "reference_steps", "teleport") if k in key}}
