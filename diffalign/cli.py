@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teleport", nargs="?", const="shipped", default=None, metavar="FILE",
                    help="replace the first model evaluation by the Gaussian teleport (the model's shipped "
                         "statistics, or this file from `diffalign calibrate teleport`); the sampler then takes --steps "
-                        "evaluations on the last points of its default steps + 1-point grid")
+                        "evaluations on the last points of its default steps + 1-point grid, or of the grid searched "
+                        "with the teleport where one is shipped")
     s.add_argument("--out", default="grid.png", help="the grid of all images (PNG, JPEG or WebP)")
     s.add_argument("--out-dir", default=None, help="also write one PNG per image here (names carry prompt and seed)")
     s.add_argument("--json", default=None, help="write per-image metadata (seed, model, file) here")
