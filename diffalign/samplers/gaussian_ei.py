@@ -42,6 +42,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .base import DiffAlignScheduler, check_choice, schedule_config
+from .dc_solver import lagrange_weights
 
 
 class GaussianEIScheduler(DiffAlignScheduler):
@@ -109,11 +110,7 @@ class GaussianEIScheduler(DiffAlignScheduler):
         w = 0.5 * (ub - ua) * w
         s = np.exp(u)
         phi = np.sqrt((eigenvalues[None] + b * b) / (eigenvalues[None] + s[:, None] ** 2))  # [q, E]
-        out = []
-        for j, pj in enumerate(points):
-            basis = np.prod([(s - pk) / (pj - pk) for k, pk in enumerate(points) if k != j], axis=0)
-            out.append(((w * basis)[:, None] * phi).sum(0))
-        return np.stack(out)
+        return np.stack([((w * basis)[:, None] * phi).sum(0) for basis in lagrange_weights(points, s)])
 
     def _update(self, sample, x0, eps, noise):
         i = self.step_index
