@@ -140,6 +140,10 @@ def test_statistics_files_are_read_once_per_version(tmp_path):
     torch.testing.assert_close(again.uncond.mu, first.uncond.mu + 1.0)
     with pytest.raises(FileNotFoundError, match="calibrate teleport"):
         load_teleport("any", tmp_path / "missing.safetensors")
+    from diffalign.samplers import GaussianEIScheduler
+
+    # the Gaussian integrator built in a loop shares the statistics too
+    assert GaussianEIScheduler(gaussian_path=str(path))._gaussian is again
 
 
 def test_start_is_the_grid_then_the_teleport():

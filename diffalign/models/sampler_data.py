@@ -10,7 +10,6 @@ Model names are written with ``:`` as ``_`` (``builtin:fashion`` -> ``builtin_fa
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -36,18 +35,10 @@ def teleport_file(model: str) -> Path:
     return TELEPORT / f"{_slug(model)}.safetensors"
 
 
-@lru_cache(maxsize=8)
-def _read_teleport(path: str, mtime_ns: int):
-    """Statistics read once per file version (a pipeline called in a loop does not re-read them)."""
-    from ..samplers.teleport import GaussianTeleport
-
-    return GaussianTeleport.load(path)
-
-
 def load_teleport(model: str, teleport=True):
     """The teleport a sampling call asked for: ``None``/``False`` (none), ``True`` (the statistics shipped for
     ``model``), a path to statistics, or a :class:`~diffalign.samplers.teleport.GaussianTeleport`."""
-    from ..samplers.teleport import GaussianTeleport
+    from ..samplers.teleport import GaussianTeleport, load_cached
 
     if teleport is None or teleport is False or isinstance(teleport, GaussianTeleport):
         return teleport or None
@@ -56,12 +47,8 @@ def load_teleport(model: str, teleport=True):
         if not path.is_file():
             raise FileNotFoundError(f"no teleport statistics are shipped for {model!r}; make them with `diffalign "
                                     f"calibrate teleport --model {model} --out FILE` and pass that file.")
-    else:
-        path = Path(teleport)
-        if not path.is_file():
-            return GaussianTeleport.load(path)  # its own error names the fix
-    path = path.resolve()
-    return _read_teleport(str(path), path.stat().st_mtime_ns)
+        return load_cached(path)
+    return load_cached(teleport)
 
 
 def shipped_overrides(name: str) -> dict:

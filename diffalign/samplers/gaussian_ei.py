@@ -43,6 +43,7 @@ from diffusers.configuration_utils import register_to_config
 
 from .base import DiffAlignScheduler, check_choice, schedule_config
 from .dc_solver import lagrange_weights
+from .teleport import spectral_apply
 
 
 class GaussianEIScheduler(DiffAlignScheduler):
@@ -65,9 +66,9 @@ class GaussianEIScheduler(DiffAlignScheduler):
             raise ValueError(f"quadrature_nodes must be >= 4, got {quadrature_nodes}.")
         self._gaussian = None
         if gaussian_path is not None:
-            from .teleport import GaussianTeleport
+            from .teleport import load_cached
 
-            self._gaussian = GaussianTeleport.load(gaussian_path)
+            self._gaussian = load_cached(gaussian_path)
         self._cast: dict = {}
         self._init_schedule(1)  # warm-up by lower orders: any number of steps works
 
@@ -97,9 +98,7 @@ class GaussianEIScheduler(DiffAlignScheduler):
     @staticmethod
     def _apply(v: torch.Tensor, U: torch.Tensor, values: np.ndarray) -> torch.Tensor:
         """f(C) v for the function with ``values`` on C's eigenvalues (the top ones, then the rest's)."""
-        top = torch.as_tensor(values[:-1], dtype=v.dtype, device=v.device)
-        rest = float(values[-1])
-        return rest * v + ((v @ U) * (top - rest)) @ U.T
+        return spectral_apply(v, U, torch.as_tensor(values[:-1], dtype=v.dtype, device=v.device), float(values[-1]))
 
     def weights(self, a: float, b: float, points: list[float], eigenvalues: np.ndarray) -> np.ndarray:
         """W_j(lambda) = int_a^b Phi_lambda(b, s) L_j(s) ds / s, [len(points), len(eigenvalues)], for the Lagrange

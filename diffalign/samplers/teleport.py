@@ -25,12 +25,19 @@ by RK4 in log sigma instead, at the cost of a few hundred products with the low-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+
+def spectral_apply(v: torch.Tensor, U: torch.Tensor, top: torch.Tensor, rest: float | torch.Tensor) -> torch.Tensor:
+    """f(C) v for a covariance C with top eigenvectors ``U`` [D, r] and one eigenvalue for the rest of the space, and
+    the function f whose values on the top eigenvalues are ``top`` [r] and on the rest ``rest``; v is [N, D]."""
+    return rest * v + ((v @ U) * (top - rest)) @ U.T
 
 
 @dataclass
@@ -56,7 +63,7 @@ class LowRankGaussian:
 
     def _apply(self, v: torch.Tensor, top: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         """f(C) v for the function whose values on the top eigenvalues are ``top`` and on the rest ``rest``."""
-        return rest * v + ((v @ self.U) * (top - rest)) @ self.U.T
+        return spectral_apply(v, self.U, top, rest)
 
     def denoise(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
         """The posterior mean E[x0 | z] at VE noise level ``sigma`` (z flattened, [N, D])."""
@@ -188,6 +195,21 @@ class GaussianTeleport:
             raise ValueError(f"{path} holds no teleport statistics (tensors mu, U, lam, rho and a shape header).")
         gaussians = [LowRankGaussian(t["mu"][i], t["U"][i], t["lam"][i], t["rho"][i]) for i in range(len(t["mu"]))]
         return cls(gaussians[0], gaussians[1:], tuple(json.loads(meta["shape"])))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_version(path: str, mtime_ns: int) -> GaussianTeleport:
+    return GaussianTeleport.load(path)
+
+
+def load_cached(path: str | Path) -> GaussianTeleport:
+    """:meth:`GaussianTeleport.load`, read once per file version (path and modification time): a pipeline or a
+    scheduler built in a loop does not re-read the file. The result is shared; do not modify it."""
+    path = Path(path)
+    if not path.is_file():
+        return GaussianTeleport.load(path)  # its error names the fix
+    path = path.resolve()
+    return _load_version(str(path), path.stat().st_mtime_ns)
 
 
 def teleport_grid(scheduler, steps: int) -> list[float]:
