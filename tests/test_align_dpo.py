@@ -21,6 +21,7 @@ from diffalign.align.losses import (
     rank_dpo_loss,
     smpo_loss,
     smpo_preference,
+    soft_dpo_loss,
 )
 from diffalign.align.methods import get_method
 from diffalign.align.synth import synthesize
@@ -86,6 +87,67 @@ def test_smpo_loss_is_the_authors_formula_and_a_hard_preference_is_diffusion_dpo
     equal = smpo_loss(s_w.requires_grad_(), s_l, torch.full((6,), 0.5))
     assert torch.allclose(equal, torch.full((6,), math.log(2)))
     assert torch.autograd.grad(equal.sum(), s_w)[0].abs().max() == 0
+
+
+def test_soft_label_dpo_is_the_bradley_terry_cross_entropy_with_a_finite_optimum():
+    s_w, s_l = torch.randn(6) * 1e-3, torch.randn(6) * 1e-3
+    p = torch.tensor([1.0, 0.9, 0.75, 0.6, 0.5, 0.99])
+    got = soft_dpo_loss(s_w, s_l, p, 5000.0)
+    for i in range(6):
+        h = -0.5 * 5000 * (s_w[i] - s_l[i]).item()
+        ref = -(p[i].item() * math.log(sigmoid(h)) + (1 - p[i].item()) * math.log(sigmoid(-h)))
+        assert got[i].item() == pytest.approx(ref, rel=1e-5)
+    assert torch.allclose(soft_dpo_loss(s_w, s_l, torch.ones(6)), diffusion_dpo_loss(s_w, s_l), atol=1e-7)
+    # the images swapped with the label: the same loss
+    assert torch.allclose(soft_dpo_loss(s_l, s_w, 1 - p), got, atol=1e-6)
+    # the gradient vanishes where the margin is logit(p), and pushes toward it from either side
+    margin = torch.logit(p[1:5].double())
+    for offset, sign in ((0.0, 0), (0.5, 1), (-0.5, -1)):
+        s = (-(margin + offset) / 2500.0).requires_grad_()  # s_w - s_l giving h = margin + offset
+        g = torch.autograd.grad(soft_dpo_loss(s, torch.zeros_like(s), p[1:5].double()).sum(), s)[0]
+        if sign == 0:
+            assert g.abs().max() < 1e-9
+        else:  # d loss / d h = sigmoid(h) - p: too large a margin is pushed back down
+            assert (torch.sign(-g) == sign).all()
+
+
+def test_diffusion_dpo_soft_labels_come_from_the_target_rewards_scores(ranked, tmp_path):
+    algo, batch = method_with_batch("diffusion-dpo", ranked, label_temperature=0.05)
+    rows = algo.chunks(batch)[0]
+    with torch.no_grad():
+        s, _ = algo.image_scores(batch, rows)
+        loss, stats = algo.loss(batch, rows)
+    scores = batch["scores"][rows]
+    p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / 0.05)
+    assert (p >= 0.5).all() and stats["label_p"] == pytest.approx(float(p.mean()), rel=1e-5)
+    assert loss.item() == pytest.approx(float(soft_dpo_loss(s[:, 0], s[:, 1], p).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="label_temperature must be > 0"):
+        config_for("diffusion-dpo", overrides={"data": str(ranked), "label_temperature": 0.0}).check()
+    unscored = write_pairs(tmp_path / "data", 8, channels=1, prompts=("3", "7"), scores=False)
+    with pytest.raises(ValueError, match=r"needs reward scores for its soft labels \(label_temperature\)"):
+        train("diffusion-dpo", dpo_cfg(unscored, label_temperature=0.05), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_diffusion_dpo_sft_is_the_winners_denoising_loss(ranked):
+    algo, batch = method_with_batch("diffusion-dpo", ranked, sft=True)
+    rows = algo.chunks(batch)[0]
+    torch.manual_seed(3)
+    with torch.no_grad():  # away from the reference, so that the loser would matter to DPO
+        for prm in algo.policy.trainable_parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    g = gradient(algo, batch)
+    params = algo.policy.trainable_parameters()
+    for prm in params:
+        prm.grad = None
+    x, target = batch["noisy"][rows, 0], batch["target"][rows, 0]
+    mse = ((algo.policy.predict(x, batch["t"][rows], batch["cond"][rows]) - target) ** 2).flatten(1).mean(1).mean()
+    mse.backward()
+    direct = torch.cat([prm.grad.flatten() for prm in params])
+    assert direct.abs().max() > 0
+    torch.testing.assert_close(g, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+    with pytest.raises(ValueError, match="sft trains on the winners alone"):
+        config_for("diffusion-dpo", overrides={"data": str(ranked), "sft": True, "label_temperature": 0.1}).check()
 
 
 def test_phi_is_the_fraction_of_pairwise_wins_over_rewards():

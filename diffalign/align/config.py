@@ -176,6 +176,23 @@ class PreferenceConfig(TrainConfig):
 class DiffusionDPOConfig(PreferenceConfig):
     """Diffusion-DPO (Wallace et al., CVPR 2024): beta 5000 as the authors' launchers."""
 
+    label_temperature: float | None = None
+    """None: hard labels, as the paper. tau > 0: soft Bradley-Terry labels p = sigmoid((r_w - r_l) / tau) from the
+    target reward's scores (in its units), trained with :func:`~diffalign.align.losses.soft_dpo_loss`: each pair's
+    implied reward margin is pulled to the reward's margin over tau instead of growing without bound, and pairs of
+    nearly equal reward are held level."""
+
+    sft: bool = False
+    """Supervised fine-tuning on the winners instead (the authors' code's ``--sft`` baseline): the plain denoising
+    loss on each pair's preferred image; the loser is not used."""
+
+    def check(self) -> None:
+        super().check()
+        if self.sft and self.label_temperature is not None:
+            raise ValueError("sft trains on the winners alone; it takes no label_temperature.")
+        if self.label_temperature is not None and not self.label_temperature > 0:
+            raise ValueError(f"label_temperature must be > 0 (or null for hard labels), got {self.label_temperature}.")
+
 
 @dataclass
 class RankDPOConfig(PreferenceConfig):

@@ -76,6 +76,17 @@ def diffusion_dpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, beta: float = 5000.
     return -F.logsigmoid(dpo_logits(s_w, s_l, beta))
 
 
+def soft_dpo_loss(s_w: torch.Tensor, s_l: torch.Tensor, p: torch.Tensor, beta: float = 5000.0) -> torch.Tensor:
+    """Diffusion-DPO on a soft label, elementwise: ``-p log sigmoid(h) - (1 - p) log sigmoid(-h)`` with the logit
+    h = -beta/2 (s_w - s_l) (:func:`dpo_logits`) and p the probability that the first image is preferred.
+
+    The Bradley-Terry cross-entropy on soft labels (conservative DPO, Mitchell 2023; reward distillation, Fisch et al.
+    2024). p = 1 is :func:`diffusion_dpo_loss`. For p < 1 the loss is smallest at the finite margin h = logit(p),
+    where its gradient vanishes; with hard labels it keeps falling as |h| grows."""
+    h = dpo_logits(s_w, s_l, beta)
+    return -(p * F.logsigmoid(h) + (1.0 - p) * F.logsigmoid(-h))
+
+
 def dpo_implicit_accuracy(s_w: torch.Tensor, s_l: torch.Tensor) -> torch.Tensor:
     """Fraction of pairs whose winner improved more on the reference than the loser (exact ties count 1/2, as the
     diffusers port)."""

@@ -4,21 +4,43 @@ The winner and the loser of a pair are noised at the same t with the same noise;
 ``-log sigmoid(-beta/2 [(e_w - e_w^ref) - (e_l - e_l^ref)])`` (:func:`~diffalign.align.losses.diffusion_dpo_loss`)
 rewards the policy for improving on the reference more for the winner than for the loser. From rankings of k > 2
 images a random decided pair per prompt is used.
+
+With ``label_temperature`` tau the hard label becomes p = sigmoid((r_w - r_l) / tau) from the target reward's
+scores (:func:`~diffalign.align.losses.soft_dpo_loss`); every selected pair then trains, ties included (p = 1/2).
+With ``sft`` it is the authors' supervised baseline: the denoising loss on the winners alone.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..config import DiffusionDPOConfig
-from ..losses import diffusion_dpo_loss
+from ..losses import diffusion_dpo_loss, soft_dpo_loss
 from .preference import PreferenceMethod, masked_mean
 
 
 class DiffusionDPO(PreferenceMethod):
     name = "diffusion-dpo"
     config_class = DiffusionDPOConfig
+    scores_for = " for its soft labels (label_temperature)"
+
+    def __init__(self, cfg: DiffusionDPOConfig, policy):
+        self.uses_scores = cfg.label_temperature is not None
+        super().__init__(cfg, policy)
 
     def objective(self, s, batch, rows):
+        acc = (s[:, 0] < s[:, 1]).float() + 0.5 * (s[:, 0] == s[:, 1]).float()
+        if self.cfg.sft:  # s_w = error(policy) - error(reference): the winner's denoising loss, shifted by a constant
+            decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
+            return masked_mean(s[:, 0], decided), {"implicit_acc": float(masked_mean(acc, decided))
+                                                    if decided.any() else float("nan")}
+        if self.cfg.label_temperature is not None:
+            scores = batch["scores"][rows]
+            p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / self.cfg.label_temperature).to(s.dtype)
+            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()
+            decided = scores[:, 0] > scores[:, 1]
+            return loss, {"implicit_acc": float(masked_mean(acc, decided)) if decided.any() else float("nan"),
+                          "label_p": float(p.mean())}
         decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
         loss = masked_mean(diffusion_dpo_loss(s[:, 0], s[:, 1], self.cfg.beta), decided)
-        acc = masked_mean((s[:, 0] < s[:, 1]).float() + 0.5 * (s[:, 0] == s[:, 1]).float(), decided)
-        return loss, {"implicit_acc": float(acc) if decided.any() else float("nan")}
+        return loss, {"implicit_acc": float(masked_mean(acc, decided)) if decided.any() else float("nan")}

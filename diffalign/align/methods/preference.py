@@ -35,6 +35,8 @@ class PreferenceMethod:
     config_class = PreferenceConfig
     uses_scores = False
     """The method needs the target reward's scores (SmPO), not only labels."""
+    scores_for = ""
+    """What the scores are for, in the error when a dataset has none."""
 
     def __init__(self, cfg: PreferenceConfig, policy: Policy):
         cfg.check()
@@ -65,8 +67,9 @@ class PreferenceMethod:
             return self.cfg.reward
         if self.uses_scores:
             if not data.scores:
-                raise ValueError(f"{self.name} needs reward scores, and {data.source} has none (only labels); score "
-                                 "the images (`diffalign data synth`) or train on-policy with a `reward`.")
+                raise ValueError(f"{self.name} needs reward scores{self.scores_for}, and {data.source} has none "
+                                 "(only labels); score the images (`diffalign data synth`) or train on-policy with a "
+                                 "`reward`.")
             if len(data.scores) > 1:
                 raise ValueError(f"{data.source} has scores of several rewards ({', '.join(data.scores)}); set "
                                  f"`reward` to the one {self.name} should use.")
