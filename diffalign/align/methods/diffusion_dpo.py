@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DiffusionDPOConfig
-from ..losses import diffusion_dpo_loss, soft_dpo_loss
+from ..losses import diffusion_dpo_loss, dpo_implicit_accuracy, soft_dpo_loss
 from .preference import PreferenceMethod, masked_mean
 
 
@@ -29,18 +29,17 @@ class DiffusionDPO(PreferenceMethod):
         super().__init__(cfg, policy)
 
     def objective(self, s, batch, rows):
-        acc = (s[:, 0] < s[:, 1]).float() + 0.5 * (s[:, 0] == s[:, 1]).float()
-        if self.cfg.sft:  # s_w = error(policy) - error(reference): the winner's denoising loss, shifted by a constant
-            decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
-            return masked_mean(s[:, 0], decided), {"implicit_acc": float(masked_mean(acc, decided))
-                                                    if decided.any() else float("nan")}
+        stats = {}
         if self.cfg.label_temperature is not None:
             scores = batch["scores"][rows]
-            p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / self.cfg.label_temperature).to(s.dtype)
-            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()
             decided = scores[:, 0] > scores[:, 1]
-            return loss, {"implicit_acc": float(masked_mean(acc, decided)) if decided.any() else float("nan"),
-                          "label_p": float(p.mean())}
-        decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
-        loss = masked_mean(diffusion_dpo_loss(s[:, 0], s[:, 1], self.cfg.beta), decided)
-        return loss, {"implicit_acc": float(masked_mean(acc, decided)) if decided.any() else float("nan")}
+            p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / self.cfg.label_temperature).to(s.dtype)
+            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()  # ties train too (p = 1/2)
+            stats["label_p"] = float(p.mean())
+        else:
+            decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
+            # sft: s_w = error(policy) - error(reference), the winner's denoising loss shifted by a constant
+            per_pair = s[:, 0] if self.cfg.sft else diffusion_dpo_loss(s[:, 0], s[:, 1], self.cfg.beta)
+            loss = masked_mean(per_pair, decided)
+        acc = float(dpo_implicit_accuracy(s[decided, 0], s[decided, 1])) if decided.any() else float("nan")
+        return loss, {"implicit_acc": acc, **stats}
