@@ -449,6 +449,43 @@ def test_output_directory_of_another_run_and_incompatible_resume_are_refused(tmp
     assert len(train("d3po", cfg(max_steps=1), out, overwrite=True, progress=False).metrics) == 1
 
 
+def test_the_weight_average_follows_the_ema_recurrence_and_is_what_the_run_saves(tmp_path):
+    from diffalign.align.policy import load_aligned_pipeline
+
+    out, cap = tmp_path / "ema", 0.6
+    train("d3po", cfg(max_steps=4, lr=1e-2, ema_decay=cap, ema_power=1.0, checkpoint_every=1, keep_checkpoints=10),
+          out, progress=False)
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    raw = [load_file(str(p / "weights.safetensors")) for p in ckpts]
+    avg = [load_file(str(p / "ema.safetensors")) for p in ckpts]
+    assert len(raw) == 4 and raw[0].keys() == avg[0].keys()
+    expect = raw[0]  # step 1 starts the average at the weights (decay 0)
+    for k in range(2, 5):  # the decay of step k: min(cap, 1 - k^-power), here 1/2, then the cap
+        d = min(cap, 1 - k ** -1.0)
+        expect = {n: d * expect[n] + (1 - d) * raw[k - 1][n] for n in expect}
+        assert all(torch.allclose(avg[k - 1][n], expect[n], atol=1e-6) for n in expect)
+    assert not all(torch.allclose(avg[-1][n], raw[-1][n], atol=1e-6) for n in expect)
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(saved[f"unet.{n}"], avg[-1][n]) for n in expect)
+    a, b = load_aligned_pipeline(ckpts[-1]).unet.state_dict(), load_aligned_pipeline(out).unet.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_resumed_run_continues_the_weight_average_exactly(tmp_path):
+    run = {"max_steps": 4, "lr": 1e-2, "ema_decay": 0.9, "checkpoint_every": 2, "keep_checkpoints": 10}
+    train("d3po", cfg(**run), tmp_path / "full", progress=False)
+    train("d3po", cfg(**{**run, "max_steps": 2}), tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match="ema_decay is 0.9 there but 0.8 here"):
+        train("d3po", cfg(**{**run, "ema_decay": 0.8}), tmp_path / "cut", resume="latest", progress=False)
+    train("d3po", cfg(**run), tmp_path / "cut", resume="latest", progress=False)
+    for name in ("pytorch_lora_weights.safetensors", "checkpoints/step-000004/weights.safetensors",
+                 "checkpoints/step-000004/ema.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        train("d3po", cfg(ema_decay=1.0), tmp_path / "bad", progress=False)
+
+
 def test_eval_reward_is_deterministic_and_writes_the_json_contract(tmp_path):
     from diffalign.cli import main
 

@@ -60,6 +60,20 @@ class TrainConfig:
     tensorboard: bool = False
     device: str | None = None
     """None: accelerate's choice (cuda when available)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights (diffusers' ``EMAModel``) whose decay rises to
+    this cap; 0: off. The final weights, and the weights a checkpoint loads and is evaluated with, are then the
+    average; training goes on with the raw weights, which every checkpoint also keeps, so resume stays exact."""
+    ema_power: float = 0.75
+    """The average's warm-up: step k's decay is min(ema_decay, 1 - k^-ema_power), as in diffusers' unconditional
+    training example (``use_ema_warmup``, its default power 3/4); ema_power = 1 is the plain mean of all steps."""
+
+    def check(self) -> None:
+        """Raise a ValueError naming the bad value (subclasses add their own checks)."""
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}.")
+        if not self.ema_power > 0:
+            raise ValueError(f"ema_power must be > 0, got {self.ema_power}.")
 
 
 @dataclass
@@ -84,7 +98,7 @@ class RolloutConfig(TrainConfig):
     the KL is logged either way."""
 
     def check(self) -> None:
-        """Raise a ValueError naming the bad value."""
+        super().check()
         if not self.kl_coef >= 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
         if self.eta <= 0:
@@ -157,6 +171,7 @@ class PreferenceConfig(TrainConfig):
     omega(lambda_t)). 0: off, as in the papers; the KL is logged either way."""
 
     def check(self) -> None:
+        super().check()
         if not self.kl_coef >= 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}.")
         if self.prompts_per_step < 1:
@@ -275,6 +290,7 @@ class DistillDPOConfig(TrainConfig):
     """Timesteps of the distribution-matching and fake-score losses (DMD's 0.02 T - 0.98 T)."""
 
     def check(self) -> None:
+        super().check()
         if not 1 <= self.student_steps <= 8:
             raise ValueError(f"student_steps must be between 1 and 8 (a few-step student), got {self.student_steps}.")
         if self.pairs_per_step < 1:

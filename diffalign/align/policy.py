@@ -330,16 +330,17 @@ class Policy:
 
 def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu", merge: bool = True):
     """The pipeline of a training output directory, or of one of its checkpoints (``out/checkpoints/step-N``):
-    the base model with the trained LoRA (merged into the UNet by default) or the fine-tuned UNet. A run that
+    the base model with the trained LoRA (merged into the UNet by default) or the fine-tuned UNet (a checkpoint of
+    a run with ``ema_decay > 0``: the averaged weights, as the run's output). A run that
     records how it is sampled (a few-step student) gets that scheduler, and its sampler name and step count as
     ``pipe.recommended_sampler`` / ``pipe.recommended_steps``."""
     from ..pipelines.class_conditional import load_pipeline
 
     out = Path(out_dir)
-    if (out / "trainer_state.json").is_file():  # a checkpoint
+    if (out / "trainer_state.json").is_file():  # a checkpoint: its averaged weights where the run keeps an average
         info = json.loads((out / "trainer_state.json").read_text())
         info["base_model"] = info["model"]
-        weights, prefix = out / "weights.safetensors", ""
+        weights, prefix = out / ("ema.safetensors" if "ema" in info else "weights.safetensors"), ""
     elif (out / ALIGNMENT_FILE).is_file():
         info = json.loads((out / ALIGNMENT_FILE).read_text())
         weights, prefix = out / (LORA_WEIGHTS if not info.get("full_finetune") else "unet"), "unet."

@@ -10,6 +10,10 @@ generator) declares ``phases`` (its last phase is the main one, logged as ``loss
 and ``phase_lr(phase)``; each phase gets its own optimizer and learning-rate schedule, and its loss is
 ``loss(batch, chunk, phase)``. Weights outside the policy's LoRA / UNet are saved through the method's
 ``state_dict`` / ``load_state_dict``.
+
+With ``ema_decay > 0`` the main phase's weights are also averaged (diffusers' ``EMAModel``): each checkpoint keeps
+the raw weights (``weights.safetensors``, what resume continues from) and the average (``ema.safetensors``, what
+:func:`~diffalign.align.policy.load_aligned_pipeline` loads), and the output directory holds the average.
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ from .policy import ALIGNMENT_FILE, LORA_WEIGHTS, Policy
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", ALIGNMENT_FILE, LORA_WEIGHTS)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+SIGNATURE_DEFAULTS = {"ema_decay": 0.0}
+"""What a checkpoint written before a signature key existed holds for it."""
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """What :func:`train` returns: the output directory and the trained policy (this process's copy)."""
+    """What :func:`train` returns: the output directory and the trained policy (this process's copy, holding the
+    weights that were saved: the average when ``ema_decay > 0``)."""
 
     out_dir: Path
     policy: Policy
@@ -70,7 +78,38 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 def run_signature(method: str, cfg: TrainConfig) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {"method": method, "model": cfg.model, "full_finetune": cfg.full_finetune,
-            "lora": None if cfg.full_finetune else dataclasses.asdict(cfg.lora)}
+            "lora": None if cfg.full_finetune else dataclasses.asdict(cfg.lora), "ema_decay": cfg.ema_decay}
+
+
+def make_ema(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    """diffusers' ``EMAModel`` over ``params`` with ``cfg``'s cap and warm-up, or None when averaging is off."""
+    if not cfg.ema_decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+
+
+def averaged_state_dict(policy: Policy, ema) -> dict[str, torch.Tensor]:
+    """The policy's trainable state dict (same names) holding the averaged weights; the raw ones are put back."""
+    params = policy.trainable_parameters()
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        return {k: v.clone() for k, v in policy.trainable_state_dict().items()}
+    finally:
+        ema.restore(params)
+
+
+def load_average(policy: Policy, ema, state: dict[str, torch.Tensor], info: dict) -> None:
+    """Set ``ema``'s average from a state dict written by :func:`averaged_state_dict` (and its scalars ``info``)."""
+    params = policy.trainable_parameters()
+    ema.store(params)
+    try:
+        policy.load_trainable_state_dict(state)
+        ema.load_state_dict({**info, "shadow_params": [p.detach().clone() for p in params]})
+    finally:
+        ema.restore(params)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -101,7 +140,7 @@ def _opt_name(phase: str) -> str:
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimizers: dict, lr_schedulers: dict,
-                    state: dict, keep: int, algo=None) -> Path:
+                    state: dict, keep: int, algo=None, ema=None) -> Path:
     """Write checkpoint ``step-<step>`` atomically (a temporary directory renamed when complete)."""
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{state['step']:06d}", root / f".tmp-step-{state['step']:06d}"
@@ -116,6 +155,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
         if hasattr(algo, "state_dict"):
             save_file(algo.state_dict(), str(tmp / "method.safetensors"))
         extra = {}
+        if ema is not None:
+            save_file(averaged_state_dict(policy, ema), str(tmp / EMA_FILE))
+            extra["ema"] = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         for phase, optimizer in optimizers.items():
             tensors, info = _optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / f"{_opt_name(phase)}.safetensors"))
@@ -132,16 +174,19 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
 
 
 def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, policy: Policy, optimizers: dict,
-                    lr_schedulers: dict, algo=None) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; refuse a checkpoint of another run."""
+                    lr_schedulers: dict, algo=None, ema=None) -> dict:
+    """Restore weights (and their average), optimizer, scheduler and RNG from ``path``; refuse a checkpoint of
+    another run."""
     state = json.loads((path / STATE_FILE).read_text())
-    theirs = {key: state.get(key) for key in signature}
+    theirs = {key: state.get(key, SIGNATURE_DEFAULTS.get(key)) for key in signature}
     if theirs != signature:
         diff = {k: (theirs[k], signature[k]) for k in signature if theirs[k] != signature[k]}
         raise ValueError(f"checkpoint {path} does not fit this run: " + "; ".join(
             f"{k} is {a!r} there but {b!r} here" for k, (a, b) in diff.items())
             + ". Resume with the run's own settings (its config.yaml), or train into a new output directory.")
     policy.load_trainable_state_dict(load_file(str(path / "weights.safetensors")))
+    if ema is not None:
+        load_average(policy, ema, load_file(str(path / EMA_FILE)), state["ema"])
     if hasattr(algo, "load_state_dict"):
         algo.load_state_dict(load_file(str(path / "method.safetensors")))
     for phase, optimizer in optimizers.items():
@@ -262,10 +307,11 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
                                         eps=cfg.adam_epsilon) for ph in phases}
     lr_schedulers = {ph: get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.lr_warmup_steps)
                      for ph, opt in optimizers.items()}
+    ema = make_ema(cfg, params[MAIN])
     signature = run_signature(method, cfg)
     state = {"step": 0, "images_seen": 0, "wall_s": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizers, lr_schedulers, algo)
+        state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizers, lr_schedulers, algo, ema)
     if len(phases) == 1:  # DDP on the UNet: gradients averaged during the backward pass
         unet, *prepared = accelerator.prepare(policy.unet, *optimizers.values())
         in_unet = {id(prm) for prm in policy.unet.parameters()}
@@ -311,6 +357,8 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
                 optimizers[ph].step()
                 lr_schedulers[ph].step()
                 optimizers[ph].zero_grad(set_to_none=True)
+                if ema is not None and ph == MAIN:
+                    ema.step(params[MAIN])
             lr_scheduler = lr_schedulers[phases[-1]]
             images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
             record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
@@ -331,7 +379,7 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
                 last_saved = record["wall_s"]
                 save_checkpoint(accelerator, out, policy, optimizers, lr_schedulers,
                                 {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},
-                                cfg.keep_checkpoints, algo)
+                                cfg.keep_checkpoints, algo, ema)
             if stop:
                 break
     except BaseException:
@@ -342,6 +390,8 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
         raise
     bar.close()
     accelerator.wait_for_everyone()
+    if ema is not None:  # the run's result is the average (every process alike)
+        ema.copy_to(params[MAIN])
     if accelerator.is_main_process:
         policy.save(out, cfg.model, method, getattr(algo, "export_info", None))
         plot_curves(metrics_path, out / "reward_curve.png")
