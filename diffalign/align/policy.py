@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from .config import LoraSettings
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+EMA_FILE = "ema.safetensors"
+"""A checkpoint's averaged weights (runs with ``ema_decay > 0``)."""
 ALIGNMENT_FILE = "alignment.json"
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -340,7 +342,7 @@ def load_aligned_pipeline(out_dir: str | Path, device: str | torch.device = "cpu
     if (out / "trainer_state.json").is_file():  # a checkpoint: its averaged weights where the run keeps an average
         info = json.loads((out / "trainer_state.json").read_text())
         info["base_model"] = info["model"]
-        weights, prefix = out / ("ema.safetensors" if "ema" in info else "weights.safetensors"), ""
+        weights, prefix = out / (EMA_FILE if "ema" in info else "weights.safetensors"), ""
     elif (out / ALIGNMENT_FILE).is_file():
         info = json.loads((out / ALIGNMENT_FILE).read_text())
         weights, prefix = out / (LORA_WEIGHTS if not info.get("full_finetune") else "unet"), "unet."

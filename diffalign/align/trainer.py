@@ -33,12 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, save_config
 from .methods import get_method
-from .policy import ALIGNMENT_FILE, LORA_WEIGHTS, Policy
+from .policy import ALIGNMENT_FILE, EMA_FILE, LORA_WEIGHTS, Policy
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", ALIGNMENT_FILE, LORA_WEIGHTS)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-EMA_FILE = "ema.safetensors"
 SIGNATURE_DEFAULTS = {"ema_decay": 0.0}
 """What a checkpoint written before a signature key existed holds for it."""
 
