@@ -136,7 +136,12 @@ def test_diffusion_dpo_sft_is_the_winners_denoising_loss(ranked):
     with torch.no_grad():  # away from the reference, so that the loser would matter to DPO
         for prm in algo.policy.trainable_parameters():
             prm.add_(0.05 * torch.randn_like(prm))
+    calls = []
+    predict = algo.policy.predict
+    algo.policy.predict = lambda x, *a, **kw: calls.append((len(x), kw.get("reference", False))) or predict(x, *a, **kw)
     g = gradient(algo, batch)
+    algo.policy.predict = predict
+    assert calls == [(len(rows), False)]  # the winners alone, through the policy alone
     params = algo.policy.trainable_parameters()
     for prm in params:
         prm.grad = None
@@ -146,6 +151,14 @@ def test_diffusion_dpo_sft_is_the_winners_denoising_loss(ranked):
     direct = torch.cat([prm.grad.flatten() for prm in params])
     assert direct.abs().max() > 0
     torch.testing.assert_close(g, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+    algo.cfg.kl_coef = 10.0  # the KL term adds the reference's prediction on the winners
+    loss, stats = algo.loss(batch, rows)
+    with torch.no_grad():
+        out = algo.policy.predict(x, batch["t"][rows], batch["cond"][rows])
+        ref = algo.policy.predict(x, batch["t"][rows], batch["cond"][rows], reference=True)
+        kl = ((out - ref) ** 2).mean()
+    assert stats["kl"] == pytest.approx(float(kl), rel=1e-4) and stats["kl"] > 0
+    assert float(loss) == pytest.approx(float(mse) + 10.0 * float(kl), rel=1e-4)
     with pytest.raises(ValueError, match="sft trains on the winners alone"):
         config_for("diffusion-dpo", overrides={"data": str(ranked), "sft": True, "label_temperature": 0.1}).check()
 

@@ -199,7 +199,8 @@ class DiffusionDPOConfig(PreferenceConfig):
 
     sft: bool = False
     """Supervised fine-tuning on the winners instead (the authors' code's ``--sft`` baseline): the plain denoising
-    loss on each pair's preferred image; the loser is not used."""
+    loss on each pair's preferred image. Only the winners go through the network (and through the reference only
+    for ``kl_coef``), so no implicit accuracy is logged."""
 
     def check(self) -> None:
         super().check()

@@ -7,7 +7,8 @@ images a random decided pair per prompt is used.
 
 With ``label_temperature`` tau the hard label becomes p = sigmoid((r_w - r_l) / tau) from the target reward's
 scores (:func:`~diffalign.align.losses.soft_dpo_loss`); every selected pair then trains, ties included (p = 1/2).
-With ``sft`` it is the authors' supervised baseline: the denoising loss on the winners alone.
+With ``sft`` it is the authors' supervised baseline: the denoising loss on the winners alone. Only the winners go
+through the network then (and through the reference only for ``kl_coef``), so no implicit accuracy is logged.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DiffusionDPOConfig
-from ..losses import diffusion_dpo_loss, dpo_implicit_accuracy, soft_dpo_loss
+from ..losses import diffusion_dpo_loss, dpo_implicit_accuracy, noise_error, soft_dpo_loss
 from .preference import PreferenceMethod, masked_mean
 
 
@@ -28,6 +29,19 @@ class DiffusionDPO(PreferenceMethod):
         self.uses_scores = cfg.label_temperature is not None
         super().__init__(cfg, policy)
 
+    def loss(self, batch, rows):
+        if not self.cfg.sft:
+            return super().loss(batch, rows)
+        # the winners of the decided pairs (an on-policy tie trains nothing), through the policy alone
+        decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
+        x, y, t, cond = batch["noisy"][rows, 0], batch["target"][rows, 0], batch["t"][rows], batch["cond"][rows]
+        out = self.policy.predict(x, t, cond)
+        loss = masked_mean(noise_error(out, y), decided)
+        if not self.cfg.kl_coef:
+            return loss, {}
+        kl = noise_error(out, self.policy.predict(x, t, cond, reference=True)).mean()
+        return loss + self.cfg.kl_coef * kl, {"kl": float(kl.detach())}
+
     def objective(self, s, batch, rows):
         stats = {}
         if self.cfg.label_temperature is not None:
@@ -38,8 +52,6 @@ class DiffusionDPO(PreferenceMethod):
             stats["label_p"] = float(p.mean())
         else:
             decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
-            # sft: s_w = error(policy) - error(reference), the winner's denoising loss shifted by a constant
-            per_pair = s[:, 0] if self.cfg.sft else diffusion_dpo_loss(s[:, 0], s[:, 1], self.cfg.beta)
-            loss = masked_mean(per_pair, decided)
+            loss = masked_mean(diffusion_dpo_loss(s[:, 0], s[:, 1], self.cfg.beta), decided)
         acc = float(dpo_implicit_accuracy(s[decided, 0], s[decided, 1])) if decided.any() else float("nan")
         return loss, {"implicit_acc": acc, **stats}
