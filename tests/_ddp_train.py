@@ -1,5 +1,5 @@
 """Run under `accelerate launch --num_processes 2`: a short run (D3PO, or the method named by argv[2]); each
-process saves the weights it holds."""
+process saves the weights it holds (for D3PO the weight average, which every process keeps for itself)."""
 
 import os
 import sys
@@ -13,7 +13,7 @@ from diffalign.align import config_for, train
 out = Path(sys.argv[1])
 method = sys.argv[2] if len(sys.argv) > 2 else "d3po"
 settings = {
-    "d3po": {"guidance": 1.0, "pairs_per_step": 2, "num_steps": 4},
+    "d3po": {"guidance": 1.0, "pairs_per_step": 2, "num_steps": 4, "ema_decay": 0.9},  # each process averages
     "distill-dpo": {"pairs_per_step": 2, "student_steps": 2, "regression_pairs": 4, "regression_batch": 2,
                     "regression_steps": 4, "fake_lr": 1e-3},
 }[method]

@@ -449,12 +449,13 @@ def test_output_directory_of_another_run_and_incompatible_resume_are_refused(tmp
     assert len(train("d3po", cfg(max_steps=1), out, overwrite=True, progress=False).metrics) == 1
 
 
-def test_the_weight_average_follows_the_ema_recurrence_and_is_what_the_run_saves(tmp_path):
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_the_weight_average_follows_the_ema_recurrence_and_is_what_the_run_saves(tmp_path, full_finetune):
     from diffalign.align.policy import load_aligned_pipeline
 
     out, cap = tmp_path / "ema", 0.6
-    train("d3po", cfg(max_steps=4, lr=1e-2, ema_decay=cap, ema_power=1.0, checkpoint_every=1, keep_checkpoints=10),
-          out, progress=False)
+    train("d3po", cfg(max_steps=4, lr=1e-2 if not full_finetune else 1e-4, ema_decay=cap, ema_power=1.0,
+                      checkpoint_every=1, keep_checkpoints=10, full_finetune=full_finetune), out, progress=False)
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     raw = [load_file(str(p / "weights.safetensors")) for p in ckpts]
     avg = [load_file(str(p / "ema.safetensors")) for p in ckpts]
@@ -465,10 +466,13 @@ def test_the_weight_average_follows_the_ema_recurrence_and_is_what_the_run_saves
         expect = {n: d * expect[n] + (1 - d) * raw[k - 1][n] for n in expect}
         assert all(torch.allclose(avg[k - 1][n], expect[n], atol=1e-6) for n in expect)
     assert not all(torch.allclose(avg[-1][n], raw[-1][n], atol=1e-6) for n in expect)
-    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    assert all(torch.equal(saved[f"unet.{n}"], avg[-1][n]) for n in expect)
     a, b = load_aligned_pipeline(ckpts[-1]).unet.state_dict(), load_aligned_pipeline(out).unet.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+    if full_finetune:  # the output directory's UNet is the average (a second full copy of the weights)
+        assert all(torch.equal(b[n], avg[-1][n]) for n in expect)
+    else:
+        saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+        assert all(torch.equal(saved[f"unet.{n}"], avg[-1][n]) for n in expect)
 
 
 def test_a_resumed_run_continues_the_weight_average_exactly(tmp_path):
