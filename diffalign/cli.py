@@ -269,6 +269,7 @@ def _samplers(args) -> None:
 
 def _train(args) -> None:
     from .align import config_for, train
+    from .align.config import config_yaml
 
     overrides = list(args.set or [])
     for key in ("model", "reward", "max_steps", "max_minutes", "seed", "lr", "guidance"):
@@ -285,6 +286,11 @@ def _train(args) -> None:
     if args.device is not None:
         overrides.append(f"device={json.dumps(args.device)}")
     cfg = config_for(args.method, args.config, overrides)
+    if args.show_config:
+        print(config_yaml(cfg, args.method), end="")
+        return
+    if args.out is None:
+        raise ValueError("diffalign train needs --out, the output directory of the run.")
     out = train(args.method, cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                 progress=not args.quiet).out_dir
     print(f"wrote {out} (load it with diffalign.load_pipeline({str(out)!r}))")
@@ -496,11 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
     t.add_argument("method", choices=["d3po", "ddpo", "diffusion-dpo", "rankdpo", "smpo", "distill-dpo"])
-    t.add_argument("--model", default=None, help="builtin:digits, builtin:fashion, a diffusers directory or hub id")
-    t.add_argument("--reward", default=None, help="a registered reward; several joined by ',' are Pareto-compared")
+    t.add_argument("--model", default=None, help="the model to fine-tune")
+    t.add_argument("--reward", default=None, help="a registered reward (d3po and ddpo: several joined by ',' are "
+                   "Pareto-compared); with --data, the stored scores that rank the images (default: the stored labels)")
     t.add_argument("--data", default=None, help="d3po: an export-pairs directory with labels.jsonl; diffusion-dpo, "
                    "rankdpo, smpo: a preference dataset (pairs.jsonl / rankings.jsonl + images)")
-    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--out", default=None, help="output directory (required unless --show-config)")
     t.add_argument("--config", default=None, help="YAML file of config values")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. lora.rank=8")
     t.add_argument("--max-steps", dest="max_steps", type=int, default=None)
@@ -511,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue the run in --out (latest checkpoint, or the checkpoint directory given)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    t.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (every key --set and --config accept) and exit without training")
     t.set_defaults(func=_train)
 
     al = sub.add_parser("align", help="alignment utilities")

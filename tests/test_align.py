@@ -409,6 +409,24 @@ def test_config_from_yaml_and_overrides(tmp_path):
         config_for("ppo")
 
 
+def test_a_runs_config_yaml_is_a_config_file_and_show_config_prints_it(tmp_path, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    train("d3po", cfg(max_steps=1, lr=1e-2, **{"lora.rank": 2}), out, progress=False)
+    again = config_for("d3po", out / "config.yaml")  # the run's own file reproduces its config
+    assert again == cfg(max_steps=1, lr=1e-2, **{"lora.rank": 2})
+    with pytest.raises(ValueError, match="is a d3po config, not a rankdpo one"):
+        config_for("rankdpo", out / "config.yaml")
+    assert main(["train", "d3po", "--config", str(out / "config.yaml"), "--set", "beta=0.3", "--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("method: d3po\n") and "beta: 0.3\n" in shown and "  rank: 2\n" in shown
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert config_for("d3po", tmp_path / "shown.yaml").beta == 0.3
+    assert main(["train", "d3po", "--reward", "brightness"]) == 2  # --out is required for training
+    assert "needs --out" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("overrides", "error", "match"), [
     ({"reward": "no_such_reward"}, ValueError, "unknown reward 'no_such_reward'"),
     ({"model": "builtin:nothing"}, ValueError, "unknown built-in model"),

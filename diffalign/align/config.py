@@ -356,6 +356,10 @@ def config_for(method: str, yaml_path: str | Path | None = None, overrides: list
         data = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config keys.")
+        written_for = data.pop("method", method)  # a run's config.yaml names its method
+        if written_for != method:
+            raise ValueError(f"{yaml_path} is a {written_for} config, not a {method} one; train {written_for}, or "
+                             "drop its `method` line and the keys that method alone has.")
         for key, value in data.items():
             _assign(cfg, key, value, str(yaml_path))
     items = overrides.items() if isinstance(overrides, dict) else [
@@ -371,7 +375,12 @@ def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, method: str, path: str | Path) -> None:
+def config_yaml(cfg: TrainConfig, method: str) -> str:
+    """The config as YAML, ``method`` first: what a run writes to ``config.yaml`` and ``--config`` reads."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump({"method": method, **to_dict(cfg)}, sort_keys=False))
+    return yaml.safe_dump({"method": method, **to_dict(cfg)}, sort_keys=False)
+
+
+def save_config(cfg: TrainConfig, method: str, path: str | Path) -> None:
+    Path(path).write_text(config_yaml(cfg, method))
