@@ -288,6 +288,10 @@ def _train(args) -> None:
     cfg = config_for(args.method, args.config, overrides)
     if args.show_config:
         print(config_yaml(cfg, args.method), end="")
+        try:
+            cfg.check()
+        except ValueError as err:  # the keys are still worth seeing; say what training would refuse
+            print(f"# training would refuse this config: {err}")
         return
     if args.out is None:
         raise ValueError("diffalign train needs --out, the output directory of the run.")
@@ -519,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out (latest checkpoint, or the checkpoint directory given)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--show-config", action="store_true",
-                   help="print the resolved config (every key --set and --config accept) and exit without training")
+                   help="print the resolved config (every key --set and --config accept) and what training would "
+                   "refuse in it, and exit without training")
     t.set_defaults(func=_train)
 
     al = sub.add_parser("align", help="alignment utilities")
@@ -648,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _validate(args)
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError,
+            ImportError) as err:
         print(f"diffalign: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -409,6 +409,39 @@ def test_config_from_yaml_and_overrides(tmp_path):
         config_for("ppo")
 
 
+def test_config_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path):
+    for override, match in (({"lora": 5}, "lora is a group of settings"), ({"prompts": "sneaker"}, "must be a list"),
+                            ({"model": 3}, "model must be a string"), ({"reward_kwargs": 2}, "must be a mapping")):
+        with pytest.raises(ValueError, match=match):
+            config_for("d3po", overrides=override)
+    assert config_for("diffusion-dpo", overrides={"data": tmp_path}).data == str(tmp_path)  # paths become strings
+    (tmp_path / "bad.yaml").write_text("lr: [0.1\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        config_for("d3po", tmp_path / "bad.yaml")
+    for override, match in (({"log_every": 0}, "log_every must be >= 1"), ({"device": "cuda:1"}, "CUDA_VISIBLE")):
+        with pytest.raises(ValueError, match=match):
+            train("d3po", cfg(**override), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_log_every_thins_metrics_but_keeps_checkpoint_steps(tmp_path):
+    train("d3po", cfg(max_steps=7, log_every=3, checkpoint_every=2, keep_checkpoints=10), tmp_path / "run",
+          progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4, 6, 7]
+
+
+def test_resuming_an_earlier_checkpoint_removes_the_later_ones(tmp_path):
+    out = tmp_path / "run"
+    train("d3po", cfg(max_steps=6, checkpoint_every=2, keep_checkpoints=10), out, progress=False)
+    with pytest.warns(UserWarning, match="removing the later checkpoint"):
+        train("d3po", cfg(max_steps=3, checkpoint_every=2, keep_checkpoints=10), out,
+              resume=str(out / "checkpoints" / "step-000002"), progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
 def test_a_runs_config_yaml_is_a_config_file_and_show_config_prints_it(tmp_path, capsys):
     from diffalign.cli import main
 

@@ -158,7 +158,7 @@ def test_diffusion_dpo_sft_is_the_winners_denoising_loss(ranked):
         ref = algo.policy.predict(x, batch["t"][rows], batch["cond"][rows], reference=True)
         kl = ((out - ref) ** 2).mean()
     assert stats["kl"] == pytest.approx(float(kl), rel=1e-4) and stats["kl"] > 0
-    assert float(loss) == pytest.approx(float(mse) + 10.0 * float(kl), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(mse.detach()) + 10.0 * float(kl), rel=1e-4)
     with pytest.raises(ValueError, match="sft trains on the winners alone"):
         config_for("diffusion-dpo", overrides={"data": str(ranked), "sft": True, "label_temperature": 0.1}).check()
 
@@ -357,6 +357,10 @@ def test_pickapic_style_dataset_loads_and_trains(tmp_path):
     cfg = config_for("diffusion-dpo", overrides={"model": "builtin:digits", "data": str(tmp_path / "saved"),
                                                  "max_steps": 2, "prompts_per_step": 2, "checkpoint_every": 0})
     assert len(train("diffusion-dpo", cfg, tmp_path / "run", progress=False).metrics) == 2
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"DatasetDict \(splits: train\); give the directory of one split"):
+        load_preferences(tmp_path / "splits")
+    assert len(load_preferences(tmp_path / "splits" / "train")) == 4
     with pytest.raises(ValueError, match="lacks the Pick-a-Pic columns caption"):
         load_preferences(ds.rename_column("caption", "text"))
     assert len(load_preferences(ds.rename_column("caption", "text"), columns={"caption": "text"})) == 4

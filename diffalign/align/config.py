@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,12 @@ class TrainConfig:
     """Also checkpoint whenever this much training wall time has passed since the last checkpoint."""
     keep_checkpoints: int = 2
     log_every: int = 1
+    """Write a row to ``metrics.jsonl`` (and to the trackers) every this many optimizer steps; a step that
+    checkpoints always has its row."""
     tensorboard: bool = False
     device: str | None = None
-    """None: accelerate's choice (cuda when available)."""
+    """None: accelerate's choice (its accelerator when there is one, and the process's own under ``accelerate
+    launch``); "cpu": the CPU. Pick a GPU with ``CUDA_VISIBLE_DEVICES``."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the trained weights (diffusers' ``EMAModel``) whose decay rises to
     this cap; 0: off. The final weights, and the weights a checkpoint loads and is evaluated with, are then the
@@ -74,6 +78,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}.")
         if not self.ema_power > 0:
             raise ValueError(f"ema_power must be > 0, got {self.ema_power}.")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1 (1: every step), got {self.log_every}.")
+        if self.device not in (None, "cpu"):
+            raise ValueError(f"device={self.device!r}: training runs on the CPU (\"cpu\") or on accelerate's choice "
+                             "of device (null, the default); pick a GPU with CUDA_VISIBLE_DEVICES, or several with "
+                             "`accelerate launch`.")
 
 
 @dataclass
@@ -94,8 +104,8 @@ class RolloutConfig(TrainConfig):
     0: all steps in one batched pass."""
     kl_coef: float = 0.0
     """Weight of the KL to the reference added to the loss: the mean over trained steps and images of each DDIM
-    transition's KL(policy || reference) (per-pixel mean, DPOK's regulariser). 0: off, as in the D3PO / DDPO papers;
-    the KL is logged either way."""
+    transition's KL(policy || reference) (per-pixel mean, DPOK's regulariser). 0: off, as in the D3PO / DDPO papers.
+    D3PO logs the KL either way (its reference pass is needed for the loss); DDPO only when it is used."""
 
     def check(self) -> None:
         super().check()
@@ -168,7 +178,8 @@ class PreferenceConfig(TrainConfig):
     """Weight of the KL to the reference added to the loss: c x the mean over the trained images of the per-pixel
     mean of (model output - reference output)^2 at the training noise level, the KL of the two models' Gaussian
     reverse steps there up to the per-t weight that Diffusion-DPO's objective also drops (Eq. 14's constant
-    omega(lambda_t)). 0: off, as in the papers; the KL is logged either way."""
+    omega(lambda_t)). 0: off, as in the papers; the KL is logged either way (except by Diffusion-DPO's ``sft``,
+    which runs the reference only when the KL is used)."""
 
     def check(self) -> None:
         super().check()
@@ -326,14 +337,23 @@ def _assign(obj: Any, dotted: str, value: Any, source: str) -> None:
     if last not in names:
         raise ValueError(f"{source}: unknown config key {dotted!r}; valid keys: {', '.join(sorted(names))}.")
     current = getattr(obj, last)
-    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: {dotted} is a group of settings; set one of them ({dotted}.<key>=value) or "
+                             f"give a mapping, not {value!r}.")
         for key, sub in value.items():
             _assign(current, key, sub, source)
         return
-    optional = "None" in str({f.name: f.type for f in dataclasses.fields(obj)}[last])
-    if value is None and optional:
+    kind = str({f.name: f.type for f in dataclasses.fields(obj)}[last])
+    if value is None and "None" in kind:
         setattr(obj, last, None)
         return
+    if kind.startswith("str") and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    for prefix, types, what, example in (("str", str, "a string", "name"), ("list", list, "a list", '["a", "b"]'),
+                                         ("dict", dict, "a mapping", '{"key": 1}')):
+        if kind.startswith(prefix) and not isinstance(value, types):
+            raise ValueError(f"{source}: {dotted} must be {what}, got {value!r} (e.g. {dotted}='{example}').")
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"{source}: {dotted} must be true or false, got {value!r}.")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -353,7 +373,10 @@ def config_for(method: str, yaml_path: str | Path | None = None, overrides: list
     if yaml_path is not None:
         import yaml
 
-        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{yaml_path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of config keys.")
         written_for = data.pop("method", method)  # a run's config.yaml names its method

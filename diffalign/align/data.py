@@ -189,6 +189,10 @@ def load_directory(path: str | Path) -> PreferenceData:
             raise ImportError(f"{root} is a saved Hugging Face dataset; reading it needs the `datasets` package "
                               "(pip install 'diffalign[datasets]').") from None
         return from_pickapic(datasets.load_from_disk(str(root)), source=str(root))
+    if (root / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one saved dataset per split
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        raise ValueError(f"{root} is a saved Hugging Face DatasetDict (splits: {', '.join(splits) or 'none'}); give "
+                         f"the directory of one split, e.g. {root / (splits[0] if splits else 'train')}.")
     files = [root / name for name in (PAIRS_FILE, RANKINGS_FILE) if (root / name).is_file()]
     if len(files) != 1:
         raise FileNotFoundError(f"{root} needs exactly one of {PAIRS_FILE} / {RANKINGS_FILE} (found "
@@ -269,14 +273,15 @@ def from_pickapic(dataset, columns: dict[str, str] | None = None, drop_ties: boo
         where=lambda i: f"{source or 'dataset'} row {rows[i]}")
 
 
-def load_preferences(data, columns: dict[str, str] | None = None) -> PreferenceData:
+def load_preferences(data, columns: dict[str, str] | None = None, drop_ties: bool = False) -> PreferenceData:
     """A :class:`PreferenceData` from a dataset directory, a saved ``datasets`` dataset, or a ``datasets`` dataset
-    (Pick-a-Pic columns)."""
+    (Pick-a-Pic columns; ``columns`` renames them, ``drop_ties`` leaves out the tied rows, which training skips
+    anyway)."""
     if isinstance(data, PreferenceData):
         return data
     if isinstance(data, (str, Path)):
         return load_directory(data)
     if hasattr(data, "column_names"):
-        return from_pickapic(data, columns)
+        return from_pickapic(data, columns, drop_ties)
     raise TypeError(f"cannot read preferences from {type(data).__name__}; pass a dataset directory or a "
                     "datasets.Dataset with Pick-a-Pic columns.")

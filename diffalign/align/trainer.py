@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -332,6 +333,12 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
         kept = [line for line in metrics_path.read_text().splitlines()
                 if json.loads(line)["step"] <= state["step"]] if checkpoint and metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))
+        if checkpoint is not None:  # checkpoints after the resumed one belong to the abandoned continuation
+            for later in sorted((out / CHECKPOINTS).glob("step-*")):
+                if int(later.name.split("-")[1]) > state["step"]:
+                    warnings.warn(f"resuming from step {state['step']}: removing the later checkpoint {later}, which "
+                                  "the resumed run replaces", stacklevel=2)
+                    shutil.rmtree(later)
     if cfg.tensorboard:
         flat = {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("diffalign", config=flat)
@@ -362,19 +369,21 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
             images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
             record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,
                       **_reduce(accelerator, stats), "lr": lr_scheduler.get_last_lr()[0]}
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({k: None if v != v else v for k, v in record.items()}) + "\n")
-            if cfg.tensorboard:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             bar.update(1)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "reward_mean", "implicit_acc") if k in record})
             out_of_time = cfg.max_minutes is not None and record["wall_s"] > 60 * cfg.max_minutes
             timed = cfg.checkpoint_minutes is not None and record["wall_s"] - last_saved >= 60 * cfg.checkpoint_minutes
             flags = accelerator.gather(torch.tensor([[float(out_of_time), float(timed)]], device=accelerator.device))
             stop, timed = (bool(v) for v in flags.amax(0))  # every process decides alike
-            if (stop or timed or step == cfg.max_steps
-                    or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+            save = (stop or timed or step == cfg.max_steps
+                    or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0))
+            if save or step % cfg.log_every == 0:  # checkpoint steps always have their row
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({k: None if v != v else v for k, v in record.items()}) + "\n")
+                if cfg.tensorboard:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            if save:
                 last_saved = record["wall_s"]
                 save_checkpoint(accelerator, out, policy, optimizers, lr_schedulers,
                                 {"step": step, "images_seen": images_seen, "wall_s": record["wall_s"], **signature},

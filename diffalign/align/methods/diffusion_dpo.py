@@ -6,7 +6,8 @@ rewards the policy for improving on the reference more for the winner than for t
 images a random decided pair per prompt is used.
 
 With ``label_temperature`` tau the hard label becomes p = sigmoid((r_w - r_l) / tau) from the target reward's
-scores (:func:`~diffalign.align.losses.soft_dpo_loss`); every selected pair then trains, ties included (p = 1/2).
+scores (:func:`~diffalign.align.losses.soft_dpo_loss`): near-ties are held level (p near 1/2) instead of pushed
+apart; exact ties are still not selected.
 With ``sft`` it is the authors' supervised baseline: the denoising loss on the winners alone. Only the winners go
 through the network then (and through the reference only for ``kl_coef``), so no implicit accuracy is logged.
 """
@@ -48,7 +49,7 @@ class DiffusionDPO(PreferenceMethod):
             scores = batch["scores"][rows]
             decided = scores[:, 0] > scores[:, 1]
             p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / self.cfg.label_temperature).to(s.dtype)
-            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()  # ties train too (p = 1/2)
+            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()  # every pair, near-ties toward h = 0
             stats["label_p"] = float(p.mean())
         else:
             decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]

@@ -116,6 +116,7 @@ class PreferenceMethod:
 
     def collect(self, generator: torch.Generator) -> dict:
         prompts, images, phi, scores = self._rows(generator)
+        stats = {} if self.reward is None else {"reward_mean": float(scores.mean())}  # all k images of each prompt
         idx = self.select(phi, scores, generator)
         take = idx[:, :, None, None, None].expand(-1, -1, *images.shape[2:])
         images = torch.gather(images, 1, take)
@@ -130,7 +131,6 @@ class PreferenceMethod:
             cond[drop.to(cond.device)] = self.policy.null_condition(int(drop.sum()))
         t = torch.randint(len(self.policy.alphas_cumprod), (p,), generator=generator).to(self.policy.device)
         noisy, target = self.noise(x0, cond, t, generator)
-        stats = {} if self.reward is None else {"reward_mean": float(scores.mean())}
         return {"noisy": noisy, "target": target, "t": t, "cond": cond, "phi": phi.to(noisy.device),
                 "scores": None if scores is None else scores.to(noisy.device), "stats": stats}
 
