@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -269,19 +270,25 @@ def _samplers(args) -> None:
 
 def _train(args) -> None:
     from .align import config_for, train
-    from .align.config import config_yaml
+    from .align.config import METHOD_CONFIGS, config_yaml
 
     overrides = list(args.set or [])
-    for key in ("model", "reward", "max_steps", "max_minutes", "seed", "lr", "guidance"):
+    keys = {f.name for f in dataclasses.fields(METHOD_CONFIGS[args.method])}
+    for key in ("model", "reward", "max_steps", "max_minutes", "seed", "lr", "guidance", "data"):
         value = getattr(args, key, None)
-        if value is not None:
+        if value is not None and key not in keys and not (key == "data" and args.method == "d3po"):
+            why = ", which trains on-policy (it samples its own images)" if key == "data" else "; its settings are " \
+                f"listed by `diffalign train {args.method} --show-config`"
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to {args.method}{why}.")
+        if value is not None and args.method == "d3po" and args.data is not None and key in ("reward", "guidance"):
+            raise ValueError(f"--{key} does not apply to D3PO on exported pairs: the labels replace the reward and "
+                             "the stored trajectories fix guidance, steps and eta; drop it.")
+        if value is not None and key != "data":
             overrides.append(f"{key}={json.dumps(value)}")
     if args.data is not None and args.method == "d3po":  # an export-pairs directory with its labels.jsonl
         overrides = [f"pairs={json.dumps(args.data)}", f"labels={json.dumps(str(Path(args.data) / 'labels.jsonl'))}",
                      "reward=null", *overrides]
     elif args.data is not None:
-        if args.method == "ddpo":
-            raise ValueError("ddpo trains on-policy only; drop --data.")
         overrides = [f"data={json.dumps(args.data)}", *overrides]
     if args.device is not None:
         overrides.append(f"device={json.dumps(args.device)}")
@@ -330,7 +337,7 @@ def _export_pairs(args) -> None:
                        args.seed, device=args.device or "cpu", progress=not args.quiet)
     print(f"wrote {args.num_pairs} pairs to {out}; label them in {out}/labels.jsonl, one line per pair: "
           '{"pair": 0, "preferred": 0} (0 or 1, null for a tie), then train with '
-          f"`diffalign train d3po --model {args.model} --set pairs={out} --set labels={out}/labels.jsonl`")
+          f"`diffalign train d3po --model {args.model} --data {out}`")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -386,6 +386,14 @@ def test_exported_pairs_train_from_a_labels_file(tmp_path):
                  "--max-steps", "2", "--lr", "1e-2", "--quiet"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and "reward_mean" not in rows[0]
+    saved = config_for("d3po", out / "config.yaml")  # what the run used: the export's sampling, no reward
+    assert (saved.num_steps, saved.eta, saved.guidance, saved.reward) == (
+        meta["num_steps"], meta["eta"], meta["guidance"], None)
+    for flag in ("--reward", "--guidance"):
+        assert main(["train", "d3po", "--data", str(pairs), flag, "1", "--out", str(tmp_path / "y")]) == 2
+    assert main(["train", "distill-dpo", "--guidance", "3", "--out", str(tmp_path / "y")]) == 2
+    assert main(["train", "ddpo", "--data", str(pairs), "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "y").exists()
 
     (pairs / "labels.jsonl").write_text('{"pair": 0, "preferred": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"labels.jsonl:2"):
@@ -421,6 +429,9 @@ def test_config_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path):
     for override, match in (({"log_every": 0}, "log_every must be >= 1"), ({"device": "cuda:1"}, "CUDA_VISIBLE")):
         with pytest.raises(ValueError, match=match):
             train("d3po", cfg(**override), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="DDPO needs a scalar reward.*name one"):
+        train("ddpo", config_for("ddpo", overrides={"model": "builtin:digits", "reward": "brightness,contrast"}),
+              tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

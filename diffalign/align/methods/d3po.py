@@ -67,6 +67,8 @@ class D3PO:
             self.labelled = load_labelled_pairs(cfg.pairs, cfg.labels, cfg.model)
             meta = self.labelled["meta"]
             self.num_steps, self.eta, self.guidance = meta["num_steps"], meta["eta"], meta["guidance"]
+            # the stored trajectories fix these, and the labels replace the reward: the saved config says so
+            cfg.num_steps, cfg.eta, cfg.guidance, cfg.reward = self.num_steps, self.eta, self.guidance, None
             self.reward = None
         else:
             if cfg.reward is None:

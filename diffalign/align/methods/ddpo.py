@@ -45,6 +45,9 @@ class DDPO:
         if cfg.images_per_step < 2 or cfg.reward is None:
             raise ValueError(f"DDPO needs a reward and images_per_step >= 2 (got {cfg.reward!r}, "
                              f"{cfg.images_per_step}).")
+        if "," in cfg.reward:
+            raise ValueError(f"DDPO needs a scalar reward, and {cfg.reward!r} is a vector of several; name one "
+                             "(D3PO compares vector rewards by Pareto dominance).")
         self.cfg, self.policy = cfg, policy
         self.reward = build_reward(cfg.reward, cfg.model, cfg.reward_kwargs)
         self.prompts = policy.training_prompts(cfg.prompts)
@@ -60,7 +63,8 @@ class DDPO:
         traj = sample_trajectories(self.policy, self.sched, cond, x_T, self.cfg.guidance, generator)
         rewards = score(self.reward, self.policy.decode(traj.final), prompts)
         if rewards.shape[1] != 1:
-            raise ValueError("DDPO needs a scalar reward; combine vector rewards with mode='sum'.")
+            raise ValueError(f"DDPO needs a scalar reward; {self.cfg.reward!r} gave {rewards.shape[1]} values per "
+                             "image.")
         return {"latents": traj.latents, "log_probs": traj.log_probs, "cond": cond,
                 "steps": pick_steps(self.stochastic_steps, self.cfg.timestep_fraction, generator),
                 "advantages": prompt_advantages(rewards[:, 0], prompts, self.cfg.adv_clip_max).to(cond.device),
