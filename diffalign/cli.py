@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="preference alignment (writes LoRA weights, config.yaml, metrics.jsonl)")
     t.add_argument("method", choices=["d3po", "ddpo", "diffusion-dpo", "rankdpo", "smpo", "distill-dpo"])
     t.add_argument("--model", default=None, help="the model to fine-tune")
-    t.add_argument("--reward", default=None, help="a registered reward (d3po and ddpo: several joined by ',' are "
+    t.add_argument("--reward", default=None, help="a registered reward (d3po: several joined by ',' are "
                    "Pareto-compared); with --data, the stored scores that rank the images (default: the stored labels)")
     t.add_argument("--data", default=None, help="d3po: an export-pairs directory with labels.jsonl; diffusion-dpo, "
                    "rankdpo, smpo: a preference dataset (pairs.jsonl / rankings.jsonl + images)")
