@@ -45,8 +45,8 @@ def synthesize(out: str | Path, models: Sequence[str], rewards: Sequence[str], p
     from .trajectory import generate
 
     models, samplers, rewards = list(models), list(samplers), list(rewards)
-    if k < 2:
-        raise ValueError(f"k must be >= 2 images per prompt (a ranking compares images), got {k}.")
+    if not 2 <= k <= 1000:
+        raise ValueError(f"k must be >= 2 images per prompt (a ranking compares images) and <= 1000, got {k}.")
     if not models or not rewards or not samplers:
         raise ValueError("synth needs at least one model, one sampler and one reward.")
     policies = {m: Policy(load_pipeline(m, device=device)) for m in dict.fromkeys(models)}
@@ -89,7 +89,8 @@ def synthesize(out: str | Path, models: Sequence[str], rewards: Sequence[str], p
             x_T = torch.stack([torch.randn(first.latent_shape, generator=torch.Generator().manual_seed(
                 (seed * 1_000_003 + rows[r]) * 1_009 + j)) for r, j in jobs])
             made = generate(policies[src["model"]], [row_prompts[r] for r, _ in jobs], x_T, src["sampler"], steps,
-                            guidance, generator=torch.Generator().manual_seed(seed + rows[0]))
+                            guidance, generator=torch.Generator().manual_seed(  # a stochastic sampler's noise
+                                (seed * 1_000_003 + rows[0]) * 1_009 + 1_008 - s))
             for (r, j), image in zip(jobs, made, strict=True):
                 images[r, j] = image
         flat = images.flatten(0, 1)
