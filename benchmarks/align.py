@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
-    from diffalign.align import config_for, read_metrics, train
+    from diffalign.align import config_for, list_checkpoints, read_metrics, train
     from diffalign.align.evaluate import eval_images, evaluate_fid, evaluate_kl, evaluate_rewards
     from diffalign.sampling import save_grid
 
@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         return evaluate_fid(model, args.fid_images, args.eval_seed, args.guidance, args.eval_sampler,
                             args.eval_steps)
 
-    checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    for k, ckpt in enumerate(checkpoints, 1):
-        step = int(ckpt.name.split("-")[1])
+    checkpoints = list_checkpoints(out)
+    for k, (step, ckpt) in enumerate(checkpoints, 1):
         curve.append({**rewards(str(ckpt)), "step": step, "wall_s": by_step[step]["wall_s"],
                       "images_seen": by_step[step]["images_seen"],
                       "kl": evaluate_kl(str(ckpt), args.kl_images, args.eval_seed, args.guidance)})

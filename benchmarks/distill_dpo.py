@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
-    from diffalign.align import config_for, read_metrics, train
+    from diffalign.align import config_for, list_checkpoints, read_metrics, train
     from diffalign.align.evaluate import eval_images, evaluate_fid, evaluate_reward
     from diffalign.sampling import save_grid
 
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     curve = [measure(args.model, best["sampler"], n) for n in map(int, args.teacher_steps.split(",")) if n != k]
     teacher_curve = sorted(curve + [best], key=lambda r: r["steps"])
     student = []
-    for ckpt in sorted((out / "checkpoints").glob("step-*")):
-        step = int(ckpt.name.split("-")[1])
+    for step, ckpt in list_checkpoints(out):
         student.append({**measure(str(ckpt), "ddim", k), "step": step, "wall_s": by_step[step]["wall_s"]})
     final = {**measure(str(out), "ddim", k), "step": metrics[-1]["step"], "wall_s": metrics[-1]["wall_s"]}
     # the teacher steps that reach the student's FID (linear interpolation on the teacher's curve)

@@ -21,7 +21,7 @@ from .data import PreferenceData, load_preferences
 from .evaluate import evaluate_kl, evaluate_reward, evaluate_rewards
 from .methods import METHODS, get_method
 from .policy import Policy, load_aligned_pipeline
-from .trainer import read_metrics, train
+from .trainer import list_checkpoints, read_metrics, train
 
 __all__ = [
     "METHODS",
@@ -42,6 +42,7 @@ __all__ = [
     "get_method",
     "load_preferences",
     "load_aligned_pipeline",
+    "list_checkpoints",
     "read_metrics",
     "train",
 ]

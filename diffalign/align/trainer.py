@@ -61,6 +61,11 @@ def step_seed(seed: int, step: int, process: int) -> int:
     return ((seed * 1_000_003 + step) * 8_191 + process) % (2**63)
 
 
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every checkpoint of the run in ``out``, in step order."""
+    return sorted((int(p.name.split("-")[1]), p) for p in (Path(out) / CHECKPOINTS).glob("step-*"))
+
+
 def find_checkpoint(out: Path, resume: str) -> Path:
     """``resume="latest"``: the newest complete checkpoint in ``out``; otherwise the checkpoint directory given."""
     if resume != "latest":
@@ -68,8 +73,7 @@ def find_checkpoint(out: Path, resume: str) -> Path:
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no {STATE_FILE}).")
         return path
-    found = sorted((out / CHECKPOINTS).glob("step-*"))
-    found = [p for p in found if (p / STATE_FILE).is_file()]
+    found = [p for _, p in list_checkpoints(out) if (p / STATE_FILE).is_file()]
     if not found:
         raise FileNotFoundError(f"no checkpoint to resume in {out / CHECKPOINTS}; start without --resume.")
     return found[-1]
@@ -167,7 +171,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        for _, old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -334,8 +338,8 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
                 if json.loads(line)["step"] <= state["step"]] if checkpoint and metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))
         if checkpoint is not None:  # checkpoints after the resumed one belong to the abandoned continuation
-            for later in sorted((out / CHECKPOINTS).glob("step-*")):
-                if int(later.name.split("-")[1]) > state["step"]:
+            for step, later in list_checkpoints(out):
+                if step > state["step"]:
                     warnings.warn(f"resuming from step {state['step']}: removing the later checkpoint {later}, which "
                                   "the resumed run replaces", stacklevel=2)
                     shutil.rmtree(later)
