@@ -276,14 +276,16 @@ def _train(args) -> None:
     keys = {f.name for f in dataclasses.fields(METHOD_CONFIGS[args.method])}
     for key in ("model", "reward", "max_steps", "max_minutes", "seed", "lr", "guidance", "data"):
         value = getattr(args, key, None)
-        if value is not None and key not in keys and not (key == "data" and args.method == "d3po"):
+        if value is None:
+            continue
+        if key not in keys and not (key == "data" and args.method == "d3po"):
             why = ", which trains on-policy (it samples its own images)" if key == "data" else "; its settings are " \
                 f"listed by `diffalign train {args.method} --show-config`"
             raise ValueError(f"--{key.replace('_', '-')} does not apply to {args.method}{why}.")
-        if value is not None and args.method == "d3po" and args.data is not None and key in ("reward", "guidance"):
+        if args.method == "d3po" and args.data is not None and key in ("reward", "guidance"):
             raise ValueError(f"--{key} does not apply to D3PO on exported pairs: the labels replace the reward and "
                              "the stored trajectories fix guidance, steps and eta; drop it.")
-        if value is not None and key != "data":
+        if key != "data":
             overrides.append(f"{key}={json.dumps(value)}")
     if args.data is not None and args.method == "d3po":  # an export-pairs directory with its labels.jsonl
         overrides = [f"pairs={json.dumps(args.data)}", f"labels={json.dumps(str(Path(args.data) / 'labels.jsonl'))}",
@@ -321,9 +323,10 @@ def _eval_reward(args) -> None:
 
 
 def _data_synth(args) -> None:
+    from .align.rewarding import reward_names
     from .align.synth import synthesize
 
-    rewards = [r.strip() for r in args.rewards.split(",") if r.strip()]
+    rewards = reward_names(args.rewards)
     out = synthesize(args.out, args.model or ["builtin:digits"], rewards, args.prompt, args.num_prompts, args.k,
                      args.sampler or ["dpm-solver++"], args.steps, args.guidance, args.seed,
                      device=args.device or "cpu", progress=not args.quiet)

@@ -9,10 +9,15 @@ from ..rewards import combine, get_reward
 from ..rewards.registry import reward_accepts
 
 
+def reward_names(spec: str) -> list[str]:
+    """The reward names of a spec: ``"a,b"`` -> ``["a", "b"]`` (blanks dropped)."""
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
 def build_reward(spec: str, model: str, kwargs: dict | None = None):
     """A reward by name; ``"a,b"`` is the vector reward of both (Pareto-compared). Classifier rewards of the
     shipped models default to the model being trained."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    names = reward_names(spec)
     if not names:
         raise ValueError("no reward given; name one (see `diffalign.rewards.available_rewards()`).")
     per = {}

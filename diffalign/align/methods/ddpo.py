@@ -11,7 +11,7 @@ import torch
 from ..config import DDPOConfig
 from ..losses import ddpo_loss
 from ..policy import Policy
-from ..rewarding import build_reward, score
+from ..rewarding import build_reward, reward_names, score
 from ..trajectory import (
     ddim_scheduler,
     pick_steps,
@@ -45,7 +45,7 @@ class DDPO:
         if cfg.images_per_step < 2 or cfg.reward is None:
             raise ValueError(f"DDPO needs a reward and images_per_step >= 2 (got {cfg.reward!r}, "
                              f"{cfg.images_per_step}).")
-        if "," in cfg.reward:
+        if len(reward_names(cfg.reward)) > 1:
             raise ValueError(f"DDPO needs a scalar reward, and {cfg.reward!r} is a vector of several; name one "
                              "(D3PO compares vector rewards by Pareto dominance).")
         self.cfg, self.policy = cfg, policy
