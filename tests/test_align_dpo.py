@@ -249,6 +249,24 @@ def test_winner_and_loser_share_t_and_noise_and_smpo_inverts(ranked):
     assert (batch["scores"][:, 0] > batch["scores"][:, 1]).all()
 
 
+@pytest.mark.parametrize("name", ["diffusion-dpo", "smpo"])
+def test_pair_selection_extremes_trains_the_best_against_the_worst(ranked, name):
+    algo, batch = method_with_batch(name, ranked, pair_selection="extremes")
+    phi = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.75, 0.25, 0.25, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    gen = torch.Generator().manual_seed(0)
+    assert algo.select(phi, None, gen).tolist() == [[1, 0], [3, 1], [0, 0]]  # first of tied extremes; a tie row
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # draws nothing
+    data = algo.data  # ranked by the brightness scores it trains on
+    extremes = {(float(r.max()), float(r.min())) for r in data.scores["brightness"]}
+    assert all((w, l) in extremes for w, l in batch["scores"].tolist())  # each row's best and worst image
+    algo.cfg.pair_selection = "random"  # the default draws other decided pairs too
+    assert (algo.select(data.phi, None, gen) != torch.stack([data.phi.argmax(1), data.phi.argmin(1)], 1)).any()
+    with pytest.raises(ValueError, match="pair_selection must be 'random' or 'extremes'"):
+        config_for(name, overrides={"data": str(ranked), "pair_selection": "best"}).check()
+    with pytest.raises(ValueError, match="RankDPO trains on all k images"):
+        config_for("rankdpo", overrides={"data": str(ranked), "pair_selection": "extremes"}).check()
+
+
 def test_inversion_reconstructs_a_sample_and_renoise_is_not_worse():
     policy = Policy(diffalign.load_pipeline("builtin:digits"))
     cond = policy.encode([str(i % 10) for i in range(16)])

@@ -165,6 +165,10 @@ class PreferenceConfig(TrainConfig):
     """Prompts (dataset rows) per optimizer step (per process and accumulation step)."""
     k: int = 2
     """On-policy: images sampled per prompt (RankDPO ranks k; Diffusion-DPO and SmPO train on one pair of them)."""
+    pair_selection: str = "random"
+    """Diffusion-DPO and SmPO: the pair of a row's k images to train on. "random": a random decided pair each time
+    the row is drawn; "extremes": the best image against the worst (the largest label gap; a label tie for best or
+    worst goes to the first such image)."""
     caption_dropout: float = 0.0
     """Fraction of prompts trained unconditionally (the original Diffusion-DPO code uses 0.2; diffusers' port 0)."""
     resize: bool = False
@@ -189,6 +193,8 @@ class PreferenceConfig(TrainConfig):
             raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}.")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 images per prompt (a preference compares images), got {self.k}.")
+        if self.pair_selection not in ("random", "extremes"):
+            raise ValueError(f"pair_selection must be 'random' or 'extremes', got {self.pair_selection!r}.")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}.")
         if self.beta <= 0:
@@ -237,6 +243,9 @@ class RankDPOConfig(PreferenceConfig):
             raise ValueError(f"ranking must be 'predicted' or 'label', got {self.ranking!r}.")
         if self.weighting not in ("dcg", "none"):
             raise ValueError(f"weighting must be 'dcg' or 'none', got {self.weighting!r}.")
+        if self.pair_selection != "random":
+            raise ValueError("RankDPO trains on all k images of a row; pair_selection applies to Diffusion-DPO and "
+                             "SmPO.")
 
 
 @dataclass

@@ -96,7 +96,10 @@ class PreferenceMethod:
         return prompts, images.unflatten(0, (p, self.k)).cpu(), phi_from_scores([scores]), scores
 
     def select(self, phi: torch.Tensor, scores: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """Indices [P, group] of the images of each row to train on: by default one decided pair, winner first."""
+        """Indices [P, group] of the images of each row to train on: by default one decided pair, winner first
+        (``pair_selection``: a random one, or the best against the worst)."""
+        if self.cfg.pair_selection == "extremes":
+            return torch.stack([phi.argmax(1), phi.argmin(1)], 1)  # a row of ties: any pair, given no weight
         pick = []
         for row in phi:
             pairs = [(i, j) for i in range(len(row)) for j in range(len(row)) if row[i] > row[j]]
