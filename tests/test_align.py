@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -507,7 +508,15 @@ def test_output_directory_of_another_run_and_incompatible_resume_are_refused(tmp
         train("d3po", cfg(max_steps=3, model="builtin:fashion"), out, resume="latest", progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train("d3po", cfg(max_steps=3), tmp_path / "empty", resume="latest", progress=False)
-    assert len(train("d3po", cfg(max_steps=3), out, resume="latest", progress=False).metrics) == 3
+    with warnings.catch_warnings(record=True) as caught:  # more steps, other checkpointing: no warning
+        warnings.simplefilter("always")
+        assert len(train("d3po", cfg(max_steps=3, checkpoint_every=2), out, resume="latest",
+                         progress=False).metrics) == 3
+    assert not [w for w in caught if "config.yaml" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"other than the run's config.yaml: lr was 3e-05, now 0.001; beta was 0.1, "
+                                         r"now 0.5\. The resumed run uses these .*--config .*config.yaml"):
+        train("d3po", cfg(max_steps=4, lr=1e-3, beta=0.5), out, resume="latest", progress=False)
+    assert config_for("d3po", out / "config.yaml").lr == 1e-3  # config.yaml records what the run went on with
     assert len(train("d3po", cfg(max_steps=1), out, overwrite=True, progress=False).metrics) == 1
 
 

@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, save_config
+from .config import TrainConfig, config_yaml, save_config
 from .methods import get_method
 from .policy import ALIGNMENT_FILE, EMA_FILE, LORA_WEIGHTS, Policy
 
@@ -83,6 +83,22 @@ def run_signature(method: str, cfg: TrainConfig) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {"method": method, "model": cfg.model, "full_finetune": cfg.full_finetune,
             "lora": None if cfg.full_finetune else dataclasses.asdict(cfg.lora), "ema_decay": cfg.ema_decay}
+
+
+RESUME_FREE = frozenset({"max_steps", "max_minutes", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+                         "log_every", "tensorboard", "device"})
+"""Settings a resume may change without a warning: limits, checkpointing and logging."""
+
+
+def changed_settings(path: Path, cfg: TrainConfig, method: str) -> list[str]:
+    """One ``key was X, now Y`` line per setting of the run's saved ``config.yaml`` that ``cfg`` changes (beyond
+    :data:`RESUME_FREE`; keys the file predates are skipped)."""
+    import yaml
+
+    then = yaml.safe_load(path.read_text()) or {}
+    now = yaml.safe_load(config_yaml(cfg, method))  # the same round trip as the saved file
+    return [f"{key} was {then.get(key)!r}, now {value!r}" for key, value in now.items()
+            if key not in RESUME_FREE and key in then and then[key] != value]  # a key the file lacks is newer
 
 
 def make_ema(cfg: TrainConfig, params: list[torch.nn.Parameter]):
@@ -333,6 +349,12 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
         if overwrite:
             _clear_output(out)
         out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None and (out / "config.yaml").is_file():
+            changed = changed_settings(out / "config.yaml", cfg, method)
+            if changed:
+                warnings.warn(f"resuming with settings other than the run's config.yaml: {'; '.join(changed)}. The "
+                              "resumed run uses these (repeat the run's own with `--config "
+                              f"{out / 'config.yaml'}`).", stacklevel=2)
         save_config(cfg, method, out / "config.yaml")
         kept = [line for line in metrics_path.read_text().splitlines()
                 if json.loads(line)["step"] <= state["step"]] if checkpoint and metrics_path.exists() else []
