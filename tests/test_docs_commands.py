@@ -43,7 +43,7 @@ EXTRA = {
     "diffalign eval fid-stats": ["--num-images", "20"],
     "diffalign eval reward": ["--num-images", "4"],
     "diffalign calibrate dc-solver": ["--num-datapoints", "2", "--iters", "2"],
-    "diffalign calibrate timesteps": ["--num-noises", "4"],
+    "diffalign calibrate timesteps": ["--num-noises", "4", "--minutes", "0.05", "--reference-steps", "50"],
     "diffalign calibrate teleport": ["--num-datapoints", "300"],  # a few per class
     "diffalign ems compute": ["--num-datapoints", "8", "--grid", "40"],  # 4 datapoints give NaN statistics
     "diffalign data synth": ["--num-prompts", "2", "--k", "2", "--steps", "4"],
@@ -61,7 +61,8 @@ EXTRA = {
     "python benchmarks/ems_variants.py": ["--num-images", "2", "--nfe", "5"],
     "python benchmarks/inversion.py": ["--num-images", "2", "--steps", "5", "--renoise", "0,1"],
     "python benchmarks/step_overhead.py": ["--steps", "5"],
-    "python benchmarks/teleport.py": ["--num-images", "2", "--samplers", "dc-solver", "--nfe", "5"],
+    "python benchmarks/teleport.py": ["--num-images", "2", "--samplers", "dc-solver", "--nfe", "5",
+                                      "--search-noises", "2"],
     "python benchmarks/timesteps_fid.py": ["--num-images", "20"],
 }
 # positional arguments and environment at test size
@@ -236,8 +237,9 @@ def tour_commands() -> set[str]:
 PAGE_COMMANDS = [(p, commands(p)) for p in PAGES]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("page", [p for p, c in PAGE_COMMANDS if c], ids=lambda p: _name(p))
+@pytest.mark.slow  # pages with the most commands first, so that parallel workers do not end with the longest one
+@pytest.mark.parametrize("page", [p for p, c in sorted(PAGE_COMMANDS, key=lambda pc: -len(pc[1])) if c],
+                         ids=lambda p: _name(p))
 def test_page_commands_run(page, tmp_path, monkeypatch):
     cwd = scratch(tmp_path)
     monkeypatch.chdir(cwd)
