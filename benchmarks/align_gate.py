@@ -20,33 +20,39 @@ from pathlib import Path
 import torch
 
 
+class Gated:
+    """The base policy, except that its noise prediction comes from ``aligned`` at the ``timesteps`` given."""
+
+    def __init__(self, base, aligned, timesteps: set[int]):
+        self.base, self.aligned, self.timesteps = base, aligned, timesteps
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+        return (self.aligned if int(t) in self.timesteps else self.base).predict(x, t, cond, guidance)
+
+
 @torch.no_grad()
 def sample(base, aligned, split: str, n: int, seed: int, sampler: str, steps: int, guidance: float) -> tuple:
     """Images of the evaluation set with ``aligned`` on the steps ``split`` names and ``base`` on the others."""
     from diffalign.align.evaluate import eval_set
+    from diffalign.align.trajectory import generate
     from diffalign.samplers import make_scheduler
 
     side, k = split.split(":")
-    uses_aligned = [(i < int(k)) if side == "early" else (i >= steps - int(k)) for i in range(steps)]
-    chosen, x_T, _ = eval_set(base, n, seed)
-    cond, images = base.encode(chosen), []
-    for start in range(0, n, 256):
-        sched = make_scheduler(sampler, base.pipe.scheduler.config)
-        sched.set_timesteps(steps)
-        x, c = x_T[start:start + 256] * sched.init_noise_sigma, cond[start:start + 256]
-        for i, t in enumerate(sched.timesteps):
-            policy = aligned if uses_aligned[i] else base
-            x = sched.step(policy.predict(sched.scale_model_input(x, t), t, c, guidance), t, x).prev_sample
-        images.append(base.decode(x))
-    return torch.cat(images), chosen
+    sched = make_scheduler(sampler, base.pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    timesteps = [int(t) for t in sched.timesteps]
+    on = set(timesteps[:int(k)] if side == "early" else timesteps[steps - int(k):])
+    chosen, x_T, gen = eval_set(base, n, seed)
+    return generate(Gated(base, aligned, on), chosen, x_T, sampler, steps, guidance, generator=gen), chosen
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from diffalign.align.evaluate import base_model_name
+    from diffalign.align.evaluate import base_model_name, shipped_fid
     from diffalign.align.policy import Policy
     from diffalign.align.rewarding import build_reward, score
-    from diffalign.eval.fid import FID, get_features
-    from diffalign.models.builtin import weights_dir
     from diffalign.pipelines.class_conditional import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,8 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def measure(policy, split):
         images, chosen = sample(base, policy, split, args.eval_images, *ev)
         values = score(reward, images, chosen)[:, 0]
-        fid = FID(get_features(f"classifier:{model}"))
-        fid.load_reference(weights_dir(model.split(":", 1)[1]) / "fid_stats.safetensors")
+        fid = shipped_fid(model)
         fid.add(sample(base, policy, split, args.fid_images, *ev)[0])
         return values, fid.compute()
 

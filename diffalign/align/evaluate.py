@@ -83,10 +83,9 @@ def evaluate_reward(model: str, reward: str, num_images: int = 64, seed: int = 0
     return evaluate_rewards(model, [reward], num_images, seed, guidance, sampler, steps, prompts, device)[reward]
 
 
-def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: float = 1.0,
-                 sampler: str = "dpm-solver++", steps: int = 20, device: str = "cpu") -> float:
-    """FID of a shipped model (or one trained from it) on its shipped classifier's features and reference
-    statistics, with class-balanced prompts."""
+def shipped_fid(model: str, device: str = "cpu"):
+    """An empty :class:`~diffalign.eval.fid.FID` on the shipped classifier's features, with the reference
+    statistics of ``model``'s built-in base model loaded."""
     from ..eval.fid import FID, get_features
     from ..models.builtin import weights_dir
 
@@ -95,6 +94,14 @@ def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: fl
         raise ValueError(f"FID with shipped features needs a built-in model (or one trained from it), got {base!r}.")
     fid = FID(get_features(f"classifier:{base}"), device=device)
     fid.load_reference(weights_dir(base.split(":", 1)[1]) / "fid_stats.safetensors")
+    return fid
+
+
+def evaluate_fid(model: str, num_images: int = 1000, seed: int = 0, guidance: float = 1.0,
+                 sampler: str = "dpm-solver++", steps: int = 20, device: str = "cpu") -> float:
+    """FID of a shipped model (or one trained from it) on its shipped classifier's features and reference
+    statistics, with class-balanced prompts."""
+    fid = shipped_fid(model, device)
     images, _ = eval_images(model, num_images, seed, guidance, sampler, steps, device=device)
     fid.add(images)
     return fid.compute()
