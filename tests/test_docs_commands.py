@@ -56,7 +56,7 @@ EXTRA = {
     "python benchmarks/distill_dpo.py": ["--fid-images", "20", "--eval-images", "4", "--samplers", "ddim",
                                         "--teacher-steps", "4", "--checkpoint-minutes", "0.02"],
     "python benchmarks/dualfast_variants.py": ["--num-images", "2", "--nfe", "5"],
-    "python benchmarks/align_frontier.py": ["--pool", "20", "--chunk", "20", "--steps", "4", "--resamples", "1"],
+    "python benchmarks/align_frontier.py": ["--pool", "40", "--chunk", "40", "--steps", "4", "--resamples", "1"],
     "python benchmarks/align_gate.py": ["--eval-images", "4", "--fid-images", "20", "--steps", "4",
                                         "--splits", "early:2,late:2"],
     "python benchmarks/align_memory.py": ["--max-steps", "1", "--pairs-per-step", "1", "--num-steps", "4"],
