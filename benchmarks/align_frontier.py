@@ -138,12 +138,16 @@ def frechet(weights: torch.Tensor, features: torch.Tensor, ref_mean: torch.Tenso
 
 
 def feature_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor, ref: dict, mus: list[float],
-                 resamples: int, per_group: int, seed: int, iters: int = 300) -> list[dict]:
+                 resamples: int, per_group: int, seed: int, iters: int = 300,
+                 tilt_features: torch.Tensor | None = None, tilt_ref: dict | None = None) -> list[dict]:
     """A reweighting that sees the FID features: p(x | c) exp(theta . h(x)) with h = (reward, features, squared
     features), standardised. For each ``mu``, theta maximises gain - mu x FID / base FID on one half of each group's
     images; the row reports the other half under the same theta (gain in base sd, both FID ratios), so a theta that
     only picked images whose sample statistics happen to fit the reference gains nothing. The first row is the
-    base (theta = 0) on the held-out half."""
+    base (theta = 0) on the held-out half.
+
+    ``tilt_features`` (with their real-image statistics ``tilt_ref``) replace the FID features in h and in the
+    fitted Frechet distance: a reweighting that sees another network's features, still measured by FID."""
     gen = torch.Generator().manual_seed(seed)
     members = [torch.nonzero(groups == g).flatten() for g in range(int(groups.max()) + 1)]
     fit, held = [], []
@@ -153,12 +157,19 @@ def feature_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Te
         held.append(m[len(m) // 2:])
     if min(len(m) for m in fit) < 2:
         raise ValueError("the feature tilt needs at least 4 pool images per prompt (2 to fit, 2 to hold out).")
-    z = (features - features.mean(0)) / features.std(0).clamp(min=1e-6)
+    seen, seen_ref = (features, ref) if tilt_features is None else (tilt_features, tilt_ref)
+    z = (seen - seen.mean(0)) / seen.std(0).clamp(min=1e-6)
     base_mean, base_sd = float(rewards.mean()), float(rewards.std())
     h = torch.cat([((rewards - base_mean) / base_sd)[:, None], z, z**2 - 1.0], 1)
-    ref_mean, ref_cov = ref["mean"].double(), ref["cov"].double()
-    vals, vecs = torch.linalg.eigh(ref_cov)
-    ref_sqrt, ref_trace = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T, float(torch.trace(ref_cov))
+
+    def reference(stats: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Mean, symmetric covariance square root and covariance trace of real-image statistics."""
+        cov = stats["cov"].double()
+        vals, vecs = torch.linalg.eigh(cov)
+        return stats["mean"].double(), vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T, float(torch.trace(cov))
+
+    ref_mean, ref_sqrt, ref_trace = reference(ref)
+    seen_mean, seen_sqrt, seen_trace = reference(seen_ref)
 
     def weights(theta: torch.Tensor, half: list[torch.Tensor]) -> torch.Tensor:
         """Normalised weights of the images ``torch.cat(half)``, in that order."""
@@ -175,8 +186,8 @@ def feature_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Te
 
     theta0 = torch.zeros(h.shape[1], dtype=torch.float64)
     fit_idx = torch.cat(fit)
-    fit_rewards, fit_features = rewards[fit_idx], features[fit_idx]
-    fit_fid0 = float(frechet(weights(theta0, fit), fit_features, ref_mean, ref_sqrt, ref_trace))
+    fit_rewards, fit_features = rewards[fit_idx], seen[fit_idx]
+    fit_fid0 = float(frechet(weights(theta0, fit), fit_features, seen_mean, seen_sqrt, seen_trace))
     rows = [{"mu": math.inf, "gain_fit_base_sd": 0.0, **measure(theta0)}]
     for mu in sorted(mus, reverse=True):
         theta = theta0.clone().requires_grad_(True)
@@ -184,7 +195,7 @@ def feature_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Te
         for _ in range(iters):
             w = weights(theta, fit)
             gain = (w @ fit_rewards - base_mean) / base_sd
-            loss = mu * frechet(w, fit_features, ref_mean, ref_sqrt, ref_trace) / fit_fid0 - gain
+            loss = mu * frechet(w, fit_features, seen_mean, seen_sqrt, seen_trace) / fit_fid0 - gain
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -229,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--feature-tilt", action="store_true",
                    help="also the reweighting that sees the FID features (fitted on half the pool, measured on the "
                         "other half)")
+    p.add_argument("--realism-tilt", action="store_true",
+                   help="also the feature tilt that sees the `realism` reward's network instead of the FID features "
+                        "(its Frechet distance to the real held-out images fitted, FID measured)")
     p.add_argument("--records", nargs="*", default=[], help="alignment benchmark records to overlay on the plot")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -245,6 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         features = torch.cat([features_fn(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
     ref = load_stats(weights_dir(args.model.split(":", 1)[1]) / "fid_stats.safetensors")
+    if args.realism_tilt:
+        from diffalign.models.builtin import classifier_input, load_builtin_data
+        from diffalign.rewards.realism import load_realism
+
+        net = load_realism(args.model)[0]
+        size = net.config["image_size"]
+        with torch.no_grad():
+            seen = torch.cat([net.features(classifier_input(images[i:i + 500], size) * 2 - 1)
+                              for i in range(0, len(images), 500)]).double()
+            real = net.features(load_builtin_data(args.model, "test")[0]).double()
+        seen_ref = {"mean": real.mean(0), "cov": torch.cov(real.T)}
     names = sorted(set(prompts))
     groups = torch.tensor([names.index(q) for q in prompts])
     per_group = max(args.fid_images // len(names), 2)
@@ -282,18 +307,31 @@ def main(argv: list[str] | None = None) -> dict:
             record["rewards"][name]["feature_tilt"] = {
                 "gain_at_fid_bound": {key: gain_at_bound(rows, f"{key}_ratio", args.fid_bound)
                                       for key in ("fid_inf", "fid_resampled")}, "rows": rows}
-            print(f"feature tilt (fitted on half the pool, measured on the other half):\n{'mu':>8} {'gain fit':>8} "
-                  f"{'gain held':>9} {'FID inf':>8} {'ratio':>6} {'FID resamp':>10} {'ratio':>6}")
-            for row in rows:
-                print(f"{row['mu']:8.3g} {row['gain_fit_base_sd']:+8.2f} {row['gain_base_sd']:+9.2f} "
-                      f"{row['fid_inf']:8.3f} {row['fid_inf_ratio']:6.2f} {row['fid_resampled']:10.3f} "
-                      f"{row['fid_resampled_ratio']:6.2f}")
+            print("feature tilt (fitted on half the pool, measured on the other half):")
+            print_tilt(rows)
             print_gains(record["rewards"][name]["feature_tilt"]["gain_at_fid_bound"], args.fid_bound)
+        if args.realism_tilt:
+            mus = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+            rows = feature_tilt(r, groups, features, ref, mus, args.resamples, per_group, args.pool_seed,
+                                tilt_features=seen, tilt_ref=seen_ref)
+            record["rewards"][name]["realism_tilt"] = {
+                "gain_at_fid_bound": {key: gain_at_bound(rows, f"{key}_ratio", args.fid_bound)
+                                      for key in ("fid_inf", "fid_resampled")}, "rows": rows}
+            print("realism-feature tilt (the realism network's features; fitted on half, FID on the other half):")
+            print_tilt(rows)
+            print_gains(record["rewards"][name]["realism_tilt"]["gain_at_fid_bound"], args.fid_bound)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     plot(record, [json.loads(Path(r).read_text()) for r in args.records], out.with_suffix(".png"))
     return record
+
+
+def print_tilt(rows: list[dict]) -> None:
+    print(f"{'mu':>8} {'gain fit':>8} {'gain held':>9} {'FID inf':>8} {'ratio':>6} {'FID resamp':>10} {'ratio':>6}")
+    for row in rows:
+        print(f"{row['mu']:8.3g} {row['gain_fit_base_sd']:+8.2f} {row['gain_base_sd']:+9.2f} {row['fid_inf']:8.3f} "
+              f"{row['fid_inf_ratio']:6.2f} {row['fid_resampled']:10.3f} {row['fid_resampled_ratio']:6.2f}")
 
 
 def print_gains(at: dict, bound: float) -> None:

@@ -129,6 +129,22 @@ def test_diffusion_dpo_soft_labels_come_from_the_target_rewards_scores(ranked, t
     assert not (tmp_path / "run").exists()
 
 
+def test_offline_data_ranked_by_several_rewards_averages_their_wins(ranked, tmp_path):
+    data = load_preferences(ranked)
+    both = data.ranked_by("brightness, jpeg_compressibility")
+    expected = phi_from_scores([data.scores["brightness"], data.scores["jpeg_compressibility"]])
+    assert torch.equal(both.phi, expected) and torch.allclose(both.phi, data.phi, atol=1e-6)  # synth's own labels
+    assert not torch.equal(data.ranked_by("brightness").phi, both.phi)
+    with pytest.raises(ValueError, match="no scores for reward 'contrast'"):
+        data.ranked_by("brightness,contrast")
+    algo, batch = method_with_batch("diffusion-dpo", ranked, reward="brightness,jpeg_compressibility")
+    assert torch.equal(algo.data.phi, expected) and batch["scores"] is None
+    with pytest.raises(ValueError, match="uses one reward's scores.*names several"):
+        method_with_batch("diffusion-dpo", ranked, reward="brightness,jpeg_compressibility", label_temperature=0.1)
+    with pytest.raises(ValueError, match="smpo uses one reward's scores"):
+        method_with_batch("smpo", ranked, reward="brightness,jpeg_compressibility")
+
+
 def test_diffusion_dpo_sft_is_the_winners_denoising_loss(ranked):
     algo, batch = method_with_batch("diffusion-dpo", ranked, sft=True)
     rows = algo.chunks(batch)[0]

@@ -132,3 +132,32 @@ def test_prompt_following_reward_is_high_for_the_true_class_and_low_otherwise():
     assert (confidence >= right - 1e-6).all()
     with pytest.raises(ValueError, match="names no class"):
         reward(images[:1], ["giraffe"])
+
+
+@pytest.mark.parametrize("model", ["digits", "fashion"])
+def test_realism_reward_prefers_real_images_of_the_prompted_class(model):
+    from diffalign.models.builtin import load_builtin_data
+    from diffalign.rewards.realism import load_realism
+
+    images, labels = load_builtin_data(model, split="test")
+    images, labels = (images[:200] + 1) / 2, labels[:200]
+    reward = get_reward("realism", model=f"builtin:{model}")
+    right, _ = reward(images, [str(int(k)) for k in labels])
+    wrong, _ = reward(images, [str((int(k) + 3) % 10) for k in labels])
+    noise, _ = reward(torch.rand_like(images), [str(int(k)) for k in labels])
+    assert (right <= 0).all() and -1.0 < right.mean() < -0.1  # about -1/2 for a real image, 0 only at a class mean
+    assert (right > wrong).float().mean() > 0.8
+    assert right.mean() > noise.mean() + 1.0
+    # a network FID does not use: not the shipped classifier, and its features are not the FID features
+    net, means, precision = load_realism(f"builtin:{model}")
+    assert net.features(images[:1] * 2 - 1).shape[1] != 128
+    assert means.shape == (10, net.config["feature_dim"]) and torch.allclose(precision, precision.T, atol=1e-4)
+    with pytest.raises(ValueError, match="names no class"):
+        reward(images[:1], ["giraffe"])
+
+
+def test_realism_reward_without_its_weights_names_the_script(tmp_path):
+    from diffalign.rewards.realism import load_realism
+
+    with pytest.raises(FileNotFoundError, match="scripts/train_realism.py --model digits"):
+        load_realism("builtin:digits", directory=tmp_path)

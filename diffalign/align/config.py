@@ -156,7 +156,7 @@ class PreferenceConfig(TrainConfig):
     """A preference dataset directory (``pairs.jsonl`` / ``rankings.jsonl``, or a saved ``datasets`` dataset)."""
     reward: str | None = None
     """On-policy: the reward that ranks the sampled images. Offline: rank the data by this reward's stored scores
-    instead of its labels (None: the labels)."""
+    instead of its labels, or by several rewards' joined by "," (phi averaged over them); None: the labels."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     lr: float = 1e-4
     beta: float = 5000.0

@@ -68,15 +68,19 @@ class PreferenceData:
         return self.phi.shape[1]
 
     def ranked_by(self, reward: str | None) -> PreferenceData:
-        """The data labelled by one reward's stored scores alone (``None``: the stored labels)."""
+        """The data labelled by stored scores alone: one reward's, or several joined by "," (phi averaged over
+        them, as ``diffalign data synth`` labels); ``None``: the stored labels."""
         if reward is None:
             return self
-        if reward not in self.scores:
+        names = [n.strip() for n in reward.split(",")]
+        missing = [n for n in names if n not in self.scores]
+        if missing:
             have = ", ".join(self.scores) or "none"
-            raise ValueError(f"{self.source} has no scores for reward {reward!r} (it has: {have}); score it with "
-                             f"`diffalign data synth --rewards {reward}` or leave `reward` unset to use its labels.")
-        return PreferenceData(self.prompts, phi_from_scores([self.scores[reward]]), self.scores, self.source,
-                              self.loader, self.where, self.sizes)
+            raise ValueError(f"{self.source} has no scores for reward {missing[0]!r} (it has: {have}); score it "
+                             f"with `diffalign data synth --rewards {missing[0]}` or leave `reward` unset to use its "
+                             "labels.")
+        return PreferenceData(self.prompts, phi_from_scores([self.scores[n] for n in names]), self.scores,
+                              self.source, self.loader, self.where, self.sizes)
 
     def decided(self) -> list[int]:
         """Rows whose images are not all tied (the rows a preference loss learns from)."""

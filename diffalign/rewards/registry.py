@@ -56,7 +56,7 @@ def get_reward(name: str, differentiable: bool = False, **kwargs) -> Reward:
 
 
 def _load_builtins() -> None:
-    from . import builtin, classifier  # noqa: F401  (registers on import)
+    from . import builtin, classifier, realism  # noqa: F401  (registers on import)
     from .hub import RewardUnavailableError  # noqa: F401  (registers the weight-backed rewards on import)
 
 

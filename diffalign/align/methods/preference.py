@@ -64,6 +64,9 @@ class PreferenceMethod:
 
     def _score_name(self, data) -> str | None:
         if self.cfg.reward is not None:
+            if "," in self.cfg.reward and self.uses_scores:
+                raise ValueError(f"{self.name} uses one reward's scores{self.scores_for}; `reward` names several "
+                                 f"({self.cfg.reward}). Name one, or rank by several without scores.")
             return self.cfg.reward
         if self.uses_scores:
             if not data.scores:
@@ -83,7 +86,7 @@ class PreferenceMethod:
         if self.data is not None:
             rows = [self.rows[i] for i in torch.randint(len(self.rows), (p,), generator=generator)]
             images = self.data.images(rows, self.policy.image_shape[1:], self.policy.image_shape[0], self.cfg.resize)
-            scores = self.data.scores[self.score_name][rows] if self.score_name is not None else None
+            scores = self.data.scores[self.score_name][rows] if self.score_name in self.data.scores else None
             return [self.data.prompts[i] for i in rows], images, self.data.phi[rows], scores
         prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (p,), generator=generator)]
         flat_prompts = [q for q in prompts for _ in range(self.k)]
