@@ -78,14 +78,24 @@ def test_readme_setup_commands_are_what_ci_runs():
         assert command in readme_lines, f'README.md lacks the "{label}" command that .ci/run runs: {command}'
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings: lower case, punctuation other than - and _ dropped, spaces
+    to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
 def test_docs_links_resolve():
-    """Relative links of the README and the docs point at files that exist."""
+    """Relative links of the README and the docs point at files that exist, and at headings that exist there."""
     for page in PAGES:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            path = (page.parent / target.split("#")[0]).resolve()
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
             assert path.exists(), f"{_name(page)} links to {target}, which does not exist"
+            if anchor and path.suffix == ".md":
+                assert anchor in _anchors(path), f"{_name(page)} links to {target}, a heading {path.name} lacks"
 
 
 def test_the_cli_reference_names_every_option_of_every_command():
