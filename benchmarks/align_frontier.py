@@ -357,10 +357,12 @@ def plot(record: dict, runs: list[dict], png: Path) -> None:
         for key, style in (("fid_resampled_ratio", "o-"), ("fid_inf_ratio", "s--")):
             ax.plot([r[key] for r in rows], [r["gain_base_sd"] for r in rows], style,
                     label=f"tilted base (FID {key[4:-6]})")
-        if "feature_tilt" in record["rewards"][name]:
-            rows = record["rewards"][name]["feature_tilt"]["rows"]
-            ax.plot([r["fid_resampled_ratio"] for r in rows], [r["gain_base_sd"] for r in rows], "d-",
-                    label="feature tilt, held out (FID resampled)")
+        for key, style, label in (("feature_tilt", "d-", "feature tilt"),
+                                  ("realism_tilt", "v-", "realism-feature tilt")):
+            if key in record["rewards"][name]:
+                rows = record["rewards"][name][key]["rows"]
+                ax.plot([r["fid_resampled_ratio"] for r in rows], [r["gain_base_sd"] for r in rows], style,
+                        label=f"{label}, held out (FID resampled)")
         for run in runs:
             if run.get("reward") != name:
                 continue
