@@ -301,25 +301,20 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['kl']:8.3f} {row['min_ess']:8.0f} {row['fid_inf']:8.3f} {row['fid_inf_ratio']:6.2f} "
                   f"{row['fid_resampled']:10.3f} {row['fid_resampled_ratio']:6.2f}")
         print_gains(record["rewards"][name]["gain_at_fid_bound"], args.fid_bound)
-        if args.feature_tilt:
-            mus = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625]
-            rows = feature_tilt(r, groups, features, ref, mus, args.resamples, per_group, args.pool_seed)
-            record["rewards"][name]["feature_tilt"] = {
-                "gain_at_fid_bound": {key: gain_at_bound(rows, f"{key}_ratio", args.fid_bound)
-                                      for key in ("fid_inf", "fid_resampled")}, "rows": rows}
-            print("feature tilt (fitted on half the pool, measured on the other half):")
-            print_tilt(rows)
-            print_gains(record["rewards"][name]["feature_tilt"]["gain_at_fid_bound"], args.fid_bound)
+        tilts = [("feature_tilt", "feature tilt (fitted on half the pool, measured on the other half)", {})
+                 ] if args.feature_tilt else []
         if args.realism_tilt:
-            mus = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
-            rows = feature_tilt(r, groups, features, ref, mus, args.resamples, per_group, args.pool_seed,
-                                tilt_features=seen, tilt_ref=seen_ref)
-            record["rewards"][name]["realism_tilt"] = {
-                "gain_at_fid_bound": {key: gain_at_bound(rows, f"{key}_ratio", args.fid_bound)
-                                      for key in ("fid_inf", "fid_resampled")}, "rows": rows}
-            print("realism-feature tilt (the realism network's features; fitted on half, FID on the other half):")
+            tilts.append(("realism_tilt", "realism-feature tilt (the realism network's features; fitted on half, "
+                          "FID on the other half)", {"tilt_features": seen, "tilt_ref": seen_ref}))
+        for key, title, seen_by in tilts:
+            mus = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625] + ([0.03125] if seen_by else [])
+            rows = feature_tilt(r, groups, features, ref, mus, args.resamples, per_group, args.pool_seed, **seen_by)
+            record["rewards"][name][key] = {
+                "gain_at_fid_bound": {k: gain_at_bound(rows, f"{k}_ratio", args.fid_bound)
+                                      for k in ("fid_inf", "fid_resampled")}, "rows": rows}
+            print(title + ":")
             print_tilt(rows)
-            print_gains(record["rewards"][name]["realism_tilt"]["gain_at_fid_bound"], args.fid_bound)
+            print_gains(record["rewards"][name][key]["gain_at_fid_bound"], args.fid_bound)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
