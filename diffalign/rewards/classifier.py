@@ -7,8 +7,15 @@ import torch
 from .registry import register_reward
 
 
+def prompt_labels(spec, prompts, device) -> torch.Tensor:
+    """Class indices [N] of a built-in model's prompts (``spec``: its :class:`BuiltinSpec`)."""
+    from ..models.builtin import label_for_prompt
+
+    return torch.tensor([label_for_prompt(p, spec.class_names, spec.aliases) for p in prompts], device=device)
+
+
 def _classifier_and_labels(model: str):
-    from ..models.builtin import builtin_spec, classifier_input, label_for_prompt, load_builtin_classifier
+    from ..models.builtin import builtin_spec, classifier_input, load_builtin_classifier
 
     spec = builtin_spec(model)
     classifier = load_builtin_classifier(model)
@@ -19,7 +26,7 @@ def _classifier_and_labels(model: str):
         return classifier.to(images.device)(x * 2 - 1).log_softmax(-1)
 
     def labels(prompts, device) -> torch.Tensor:
-        return torch.tensor([label_for_prompt(p, spec.class_names, spec.aliases) for p in prompts], device=device)
+        return prompt_labels(spec, prompts, device)
 
     return log_probs, labels
 

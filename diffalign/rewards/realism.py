@@ -84,15 +84,15 @@ def load_realism(model: str, directory: str | Path | None = None) -> tuple[Pixel
 def realism(model: str = "builtin:fashion"):
     """Feature log-density of the image under its prompted class's real images, from a network FID does not use
     (see the module docstring)."""
-    from ..models.builtin import builtin_spec, classifier_input, label_for_prompt
+    from ..models.builtin import builtin_spec, classifier_input
+    from .classifier import prompt_labels
 
     spec = builtin_spec(model)
     net, means, precision = load_realism(model)
     size = net.config["image_size"]
 
     def fn(images, prompts, metadata):
-        labels = torch.tensor([label_for_prompt(p, spec.class_names, spec.aliases) for p in prompts],
-                              device=images.device)
+        labels = prompt_labels(spec, prompts, images.device)
         f = net.to(images.device).features(classifier_input(images, size) * 2 - 1)
         return realism_score(f, means.to(f.device), precision.to(f.device), labels), {}
 
