@@ -21,6 +21,10 @@ by self-normalised importance weights within each prompt, and reports for each b
 the features and their squares, with theta fitted to trade gain against FID on half of each prompt's images and
 measured on the other half. It bounds what a model that knew the FID features could gain by reweighting the base.
 
+``--real-tilt`` tilts the real training images instead of the base's samples, in the base model's units (gain in
+the base model's reward sd, FID as a multiple of the base model's): what a model that had learned the data
+distribution exactly, and then reweighted it by the reward, would gain within the bound.
+
 The pool is cached in ``--pool-dir`` (one safetensors file per ``--chunk`` images), so an interrupted run resumes.
 ``--records`` overlays the checkpoints of alignment benchmark records on the plot (``--json`` with .png).
 """
@@ -125,6 +129,21 @@ def frontier(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor
     for row in rows:
         row["fid_inf_ratio"] = row["fid_inf"] / rows[0]["fid_inf"]
         row["fid_resampled_ratio"] = row["fid_resampled"] / rows[0]["fid_resampled"]
+    return rows
+
+
+def real_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tensor, ref: dict, betas: list[float],
+              resamples: int, per_group: int, seed: int, base_row: dict) -> list[dict]:
+    """:func:`frontier` of a pool of real images, with gains and FID ratios in the base model's units: gain in
+    ``base_row``'s reward sd from its mean, FIDs as multiples of its FIDs (``base_row``: the base frontier's first
+    row, whose ``reward_mean`` / ``gain_within_sd`` give the scale). The first beta must be ``inf``, the real data
+    untilted."""
+    rows = frontier(rewards, groups, features, ref, betas, resamples, per_group, seed)
+    for row in rows:
+        row["gain_real_sd"] = row["gain_base_sd"]
+        row["gain_base_sd"] = (row["reward_mean"] - base_row["reward_mean"]) / base_row["base_sd"]
+        row["fid_inf_ratio"] = row["fid_inf"] / base_row["fid_inf"]
+        row["fid_resampled_ratio"] = row["fid_resampled"] / base_row["fid_resampled"]
     return rows
 
 
@@ -243,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--realism-tilt", action="store_true",
                    help="also the feature tilt that sees the `realism` reward's network instead of the FID features "
                         "(its Frechet distance to the real held-out images fitted, FID measured)")
+    p.add_argument("--real-tilt", action="store_true",
+                   help="also tilt the real training images (in the base model's units: its reward sd, its FID)")
+    p.add_argument("--real-pool", type=int, default=8000, help="real training images for --real-tilt (class-balanced)")
     p.add_argument("--records", nargs="*", default=[], help="alignment benchmark records to overlay on the plot")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -270,6 +292,20 @@ def main(argv: list[str] | None = None) -> dict:
                               for i in range(0, len(images), 500)]).double()
             real = net.features(load_builtin_data(args.model, "test")[0]).double()
         seen_ref = {"mean": real.mean(0), "cov": torch.cov(real.T)}
+    if args.real_tilt:
+        from diffalign.models.builtin import builtin_spec, load_builtin_data
+
+        real_x, real_y = load_builtin_data(args.model, "train")
+        classes = builtin_spec(args.model).class_names
+        per_class = args.real_pool // len(classes)
+        gen = torch.Generator().manual_seed(args.pool_seed)
+        picks = torch.cat([torch.nonzero(real_y == c).flatten()[torch.randperm(int((real_y == c).sum()),
+                                                                                generator=gen)[:per_class]]
+                           for c in range(len(classes))])
+        real_images, real_prompts = (real_x[picks] + 1) / 2, [classes[int(c)] for c in real_y[picks]]
+        with torch.no_grad():
+            real_features = torch.cat([features_fn(real_images[i:i + 500])
+                                       for i in range(0, len(real_images), 500)]).double()
     names = sorted(set(prompts))
     groups = torch.tensor([names.index(q) for q in prompts])
     per_group = max(args.fid_images // len(names), 2)
@@ -301,6 +337,24 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['kl']:8.3f} {row['min_ess']:8.0f} {row['fid_inf']:8.3f} {row['fid_inf_ratio']:6.2f} "
                   f"{row['fid_resampled']:10.3f} {row['fid_resampled_ratio']:6.2f}")
         print_gains(record["rewards"][name]["gain_at_fid_bound"], args.fid_bound)
+        if args.real_tilt:
+            with torch.no_grad():
+                rr = torch.cat([score(fn, real_images[i:i + 500], real_prompts[i:i + 500])[:, 0]
+                                for i in range(0, len(real_images), 500)]).double()
+            real_groups = torch.tensor([names.index(q) for q in real_prompts])
+            rows = real_tilt(rr, real_groups, real_features, ref, [math.inf, *[s * sd for s in scales]],
+                             args.resamples, per_group, args.pool_seed, {**rows[0], "base_sd": sd})
+            record["rewards"][name]["real_tilt"] = {
+                "real_images": len(rr), "gain_at_fid_bound": {k: gain_at_bound(rows, f"{k}_ratio", args.fid_bound)
+                                                              for k in ("fid_inf", "fid_resampled")}, "rows": rows}
+            print(f"real training images ({len(rr)}) tilted, in the base model's units:")
+            print(f"{'beta/sd':>8} {'gain sd':>8} {'min ESS':>8} {'FID inf':>8} {'ratio':>6} {'FID resamp':>10} "
+                  f"{'ratio':>6}")
+            for row in rows:
+                print(f"{row['beta'] / sd:8.3g} {row['gain_base_sd']:+8.2f} {row['min_ess']:8.0f} "
+                      f"{row['fid_inf']:8.3f} {row['fid_inf_ratio']:6.2f} {row['fid_resampled']:10.3f} "
+                      f"{row['fid_resampled_ratio']:6.2f}")
+            print_gains(record["rewards"][name]["real_tilt"]["gain_at_fid_bound"], args.fid_bound)
         tilts = [("feature_tilt", "feature tilt (fitted on half the pool, measured on the other half)", {})
                  ] if args.feature_tilt else []
         if args.realism_tilt:
@@ -352,12 +406,13 @@ def plot(record: dict, runs: list[dict], png: Path) -> None:
         for key, style in (("fid_resampled_ratio", "o-"), ("fid_inf_ratio", "s--")):
             ax.plot([r[key] for r in rows], [r["gain_base_sd"] for r in rows], style,
                     label=f"tilted base (FID {key[4:-6]})")
-        for key, style, label in (("feature_tilt", "d-", "feature tilt"),
-                                  ("realism_tilt", "v-", "realism-feature tilt")):
+        for key, style, label in (("feature_tilt", "d-", "feature tilt, held out"),
+                                  ("realism_tilt", "v-", "realism-feature tilt, held out"),
+                                  ("real_tilt", "^-", "tilted real data")):
             if key in record["rewards"][name]:
                 rows = record["rewards"][name][key]["rows"]
                 ax.plot([r["fid_resampled_ratio"] for r in rows], [r["gain_base_sd"] for r in rows], style,
-                        label=f"{label}, held out (FID resampled)")
+                        label=f"{label} (FID resampled)")
         for run in runs:
             if run.get("reward") != name:
                 continue

@@ -106,3 +106,21 @@ def test_feature_tilt_through_other_features_gains_only_what_they_see():
                                          tilt_features=noise, tilt_ref={"mean": torch.zeros(2), "cov": torch.eye(2)},
                                          **kwargs)
     assert 0.3 < frontier_module.gain_at_bound(blind, "fid_inf_ratio", 2.0) < math.sqrt(0.5) + 0.1
+
+
+def test_real_tilt_is_in_the_base_models_units():
+    """Real rewards N(0.5, 1) against a base of mean 0 and sd 2: untilted, the gain is 0.25 base sd and the FID
+    ratio is the real FID over the base's; tilting raises the gain by 1 / beta in real sd, i.e. half that in base sd."""
+    gen = torch.Generator().manual_seed(2)
+    rewards = 0.5 + torch.randn(40000, generator=gen, dtype=torch.float64)
+    features = torch.randn(40000, 2, generator=gen, dtype=torch.float64)
+    features[:, 0] = rewards - 0.5
+    ref = {"mean": torch.zeros(2), "cov": torch.eye(2)}
+    base_row = {"reward_mean": 0.0, "base_sd": 2.0, "fid_inf": 0.5, "fid_resampled": 0.5}
+    rows = frontier_module.real_tilt(rewards, torch.arange(40000) % 2, features, ref, [math.inf, 1.0], resamples=2,
+                                     per_group=500, seed=0, base_row=base_row)
+    assert rows[0]["gain_base_sd"] == pytest.approx(0.25, abs=0.02)
+    assert rows[0]["fid_inf_ratio"] == pytest.approx(rows[0]["fid_inf"] / 0.5)
+    assert rows[1]["gain_base_sd"] == pytest.approx(0.75, abs=0.05)
+    assert rows[1]["gain_real_sd"] == pytest.approx(1.0, abs=0.05)
+    assert rows[1]["fid_inf_ratio"] == pytest.approx(2.0, rel=0.1)  # the feature's mean moved by 1: FID 1 = 2x 0.5
