@@ -486,3 +486,38 @@ def test_cli_synth_and_train(tmp_path, capsys):
     assert main(["data", "synth", "--rewards", "brightness", "--k", "1", "--out", str(tmp_path / "e"),
                  "--quiet"]) == 2
     assert "k must be >= 2" in capsys.readouterr().err
+
+
+def test_real_rankings_writes_a_loadable_dataset_of_training_images(tmp_path):
+    """benchmarks/real_rankings.py: rows cycle through the classes, each holding k distinct training images of its
+    class, with the stored scores those images get and phi from them."""
+    import importlib.util
+
+    import numpy as np
+
+    from diffalign.align.data import load_directory
+    from diffalign.align.rewarding import build_reward, score
+    from diffalign.models.builtin import builtin_spec, load_builtin_data
+
+    spec = importlib.util.spec_from_file_location("real_rankings",
+                                                  Path(__file__).parents[1] / "benchmarks" / "real_rankings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--model", "builtin:digits", "--rewards", "prompt_following,contrast", "--num-prompts", "12",
+                       "--k", "3", "--out", str(tmp_path / "real")])
+    data = load_directory(out)
+    classes = builtin_spec("builtin:digits").class_names
+    assert data.prompts == [classes[i % 10] for i in range(12)]
+    assert torch.allclose(data.phi, phi_from_scores(data.scores), atol=1e-6)
+    x, y = load_builtin_data("builtin:digits", "train")
+    lines = (out / "rankings.jsonl").read_text().splitlines()
+    for i in (0, 11):
+        idx = [s["index"] for s in json.loads(lines[i])["sources"]]
+        assert len(set(idx)) == 3 and all(int(y[t]) == i % 10 for t in idx)
+        images = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).reshape(x.shape[1:])
+                              for im in data.loader(i)])
+        assert torch.allclose(images, (x[idx] + 1) / 2, atol=1 / 255)
+        expected = score(build_reward("contrast", "builtin:digits"), images, [data.prompts[i]] * 3)[:, 0]
+        assert torch.allclose(data.scores["contrast"][i], expected, atol=1e-3)
+    with pytest.raises(SystemExit, match="not empty"):
+        module.main(["--rewards", "contrast", "--out", str(out)])
