@@ -74,6 +74,13 @@ def pool_images(model: str, size: int, chunk: int, pool_dir: Path, seed: int, gu
     return torch.cat(images), prompts
 
 
+def batched(fn, images: torch.Tensor, prompts: list[str] | None = None, size: int = 500) -> torch.Tensor:
+    """``fn`` over ``images`` (and their ``prompts``) in batches of ``size``, concatenated, float64, without grad."""
+    with torch.no_grad():
+        return torch.cat([fn(images[i:i + size]) if prompts is None else fn(images[i:i + size], prompts[i:i + size])
+                          for i in range(0, len(images), size)]).double()
+
+
 def weighted_stats(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of features under normalised weights (float64)."""
     mean = weights @ features
@@ -136,7 +143,7 @@ def real_tilt(rewards: torch.Tensor, groups: torch.Tensor, features: torch.Tenso
               resamples: int, per_group: int, seed: int, base_row: dict) -> list[dict]:
     """:func:`frontier` of a pool of real images, with gains and FID ratios in the base model's units: gain in
     ``base_row``'s reward sd from its mean, FIDs as multiples of its FIDs (``base_row``: the base frontier's first
-    row, whose ``reward_mean`` / ``gain_within_sd`` give the scale). The first beta must be ``inf``, the real data
+    row, with the base model's reward sd added as ``base_sd``). The first beta must be ``inf``, the real data
     untilted."""
     rows = frontier(rewards, groups, features, ref, betas, resamples, per_group, seed)
     for row in rows:
@@ -278,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     images, prompts = pool_images(args.model, args.pool, args.chunk, Path(args.pool_dir), args.pool_seed, args.guidance,
                                   args.sampler, args.steps)
     features_fn = get_features(f"classifier:{args.model}")
-    with torch.no_grad():
-        features = torch.cat([features_fn(images[i:i + 500]) for i in range(0, len(images), 500)]).double()
+    features = batched(features_fn, images)
     ref = load_stats(weights_dir(args.model.split(":", 1)[1]) / "fid_stats.safetensors")
     if args.realism_tilt:
         from diffalign.models.builtin import classifier_input, load_builtin_data
@@ -287,9 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         net = load_realism(args.model)[0]
         size = net.config["image_size"]
+        seen = batched(lambda x: net.features(classifier_input(x, size) * 2 - 1), images)
         with torch.no_grad():
-            seen = torch.cat([net.features(classifier_input(images[i:i + 500], size) * 2 - 1)
-                              for i in range(0, len(images), 500)]).double()
             real = net.features(load_builtin_data(args.model, "test")[0]).double()
         seen_ref = {"mean": real.mean(0), "cov": torch.cov(real.T)}
     if args.real_tilt:
@@ -303,9 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                 generator=gen)[:per_class]]
                            for c in range(len(classes))])
         real_images, real_prompts = (real_x[picks] + 1) / 2, [classes[int(c)] for c in real_y[picks]]
-        with torch.no_grad():
-            real_features = torch.cat([features_fn(real_images[i:i + 500])
-                                       for i in range(0, len(real_images), 500)]).double()
+        real_features = batched(features_fn, real_images)
     names = sorted(set(prompts))
     groups = torch.tensor([names.index(q) for q in prompts])
     per_group = max(args.fid_images // len(names), 2)
@@ -316,9 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
               [8.0, 4.0, 2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08])  # tilts, in each reward's sd
     for name in [r.strip() for r in args.rewards.split(",") if r.strip()]:
         fn = build_reward(name, args.model)
-        with torch.no_grad():
-            r = torch.cat([score(fn, images[i:i + 500], prompts[i:i + 500])[:, 0]
-                           for i in range(0, len(images), 500)]).double()
+        r = batched(lambda x, q, fn=fn: score(fn, x, q)[:, 0], images, prompts)
         sd = float(r.std())
         rows = frontier(r, groups, features, ref, [math.inf, *[s * sd for s in scales]], args.resamples, per_group,
                         args.pool_seed)
@@ -338,9 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['fid_resampled']:10.3f} {row['fid_resampled_ratio']:6.2f}")
         print_gains(record["rewards"][name]["gain_at_fid_bound"], args.fid_bound)
         if args.real_tilt:
-            with torch.no_grad():
-                rr = torch.cat([score(fn, real_images[i:i + 500], real_prompts[i:i + 500])[:, 0]
-                                for i in range(0, len(real_images), 500)]).double()
+            rr = batched(lambda x, q, fn=fn: score(fn, x, q)[:, 0], real_images, real_prompts)
             real_groups = torch.tensor([names.index(q) for q in real_prompts])
             rows = real_tilt(rr, real_groups, real_features, ref, [math.inf, *[s * sd for s in scales]],
                              args.resamples, per_group, args.pool_seed, {**rows[0], "base_sd": sd})

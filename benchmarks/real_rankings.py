@@ -14,7 +14,6 @@ within a row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
-    from diffalign.align.data import RANKINGS_FILE, phi_from_scores
+    from diffalign.align.data import RANKINGS_FILE, phi_from_scores, ranking_line
     from diffalign.align.rewarding import build_reward, score
     from diffalign.images import save_image
     from diffalign.models.builtin import builtin_spec, load_builtin_data
@@ -45,15 +44,19 @@ def main(argv: list[str] | None = None) -> Path:
     classes = builtin_spec(args.model).class_names
     members = [torch.nonzero(y == c).flatten() for c in range(len(classes))]
     gen = torch.Generator().manual_seed(args.seed)
-    rows = [(classes[i % len(classes)], members[i % len(classes)][torch.randperm(len(members[i % len(classes)]),
-                                                                                  generator=gen)[:args.k]])
-            for i in range(args.num_prompts)]
+    rows = []
+    for i in range(args.num_prompts):
+        c = i % len(classes)
+        rows.append((classes[c], members[c][torch.randperm(len(members[c]), generator=gen)[:args.k]]))
     images = (x[torch.stack([idx for _, idx in rows])] + 1) / 2  # [N, k, C, H, W] in [0, 1]
     flat, flat_prompts = images.flatten(0, 1), [c for c, _ in rows for _ in range(args.k)]
     names = [r.strip() for r in args.rewards.split(",") if r.strip()]
-    with torch.no_grad():
-        scores = {n: torch.cat([score(build_reward(n, args.model), flat[i:i + 500], flat_prompts[i:i + 500])[:, 0]
-                                for i in range(0, len(flat), 500)]).reshape(len(rows), args.k) for n in names}
+    scores = {}
+    for n in names:
+        fn = build_reward(n, args.model)
+        with torch.no_grad():
+            scores[n] = torch.cat([score(fn, flat[i:i + 500], flat_prompts[i:i + 500])[:, 0]
+                                   for i in range(0, len(flat), 500)]).reshape(len(rows), args.k)
     phi = phi_from_scores(scores)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -61,9 +64,8 @@ def main(argv: list[str] | None = None) -> Path:
         files = [f"{i:06d}_{j}.png" for j in range(args.k)]
         for j, f in enumerate(files):
             save_image(images[i, j], out / f)
-        lines.append(json.dumps({"prompt": prompt, "images": files, "phi": [round(float(v), 6) for v in phi[i]],
-                                 "scores": {n: [float(v) for v in s[i]] for n, s in scores.items()},
-                                 "sources": [{"real": args.model, "index": int(t)} for t in idx]}))
+        lines.append(ranking_line(prompt, files, phi[i], {n: s[i] for n, s in scores.items()},
+                                  [{"real": args.model, "index": int(t)} for t in idx]))
     (out / RANKINGS_FILE).write_text("".join(line + "\n" for line in lines))
     print(f"wrote {out / RANKINGS_FILE}: {len(rows)} rows of {args.k} real images", file=sys.stderr)
     return out

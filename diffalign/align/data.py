@@ -44,6 +44,14 @@ def phi_from_scores(scores: dict[str, torch.Tensor] | Sequence[torch.Tensor]) ->
     return (wins / (n * (k - 1))).float()
 
 
+def ranking_line(prompt: str, files: Sequence[str], phi: torch.Tensor, scores: dict[str, torch.Tensor],
+                 sources: list[dict]) -> str:
+    """One ``rankings.jsonl`` line (no newline): a row's prompt, image files, soft labels, per-reward scores and
+    where each image came from."""
+    return json.dumps({"prompt": prompt, "images": list(files), "phi": [round(float(v), 6) for v in phi],
+                       "scores": {n: [float(v) for v in s] for n, s in scores.items()}, "sources": sources})
+
+
 @dataclass
 class PreferenceData:
     """k images per prompt with soft labels phi [N, k] and per-reward scores [N, k]; images load on access."""

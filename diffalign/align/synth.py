@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import RANKINGS_FILE, SYNTH_FILE, phi_from_scores
+from .data import RANKINGS_FILE, SYNTH_FILE, phi_from_scores, ranking_line
 
 
 def _resume_point(file: Path, batch: int) -> int:
@@ -102,10 +102,8 @@ def synthesize(out: str | Path, models: Sequence[str], rewards: Sequence[str], p
             files = [f"{i:06d}_{j}.png" for j in range(k)]
             for j, f in enumerate(files):
                 save_image(images[r, j], out / f)
-            lines.append(json.dumps({
-                "prompt": row_prompts[r], "images": files, "phi": [round(float(v), 6) for v in phi[r]],
-                "scores": {n: [float(v) for v in s[r]] for n, s in scores.items()},
-                "sources": [{**sources[j % len(sources)], "seed": [seed, i, j]} for j in range(k)]}))
+            lines.append(ranking_line(row_prompts[r], files, phi[r], {n: s[r] for n, s in scores.items()},
+                                      [{**sources[j % len(sources)], "seed": [seed, i, j]} for j in range(k)]))
         with rows_file.open("a") as f:
             f.write("".join(line + "\n" for line in lines))
         bar.update(len(rows))
