@@ -60,7 +60,9 @@ EXTRA = {
                                            "--real-pool", "40"],
     "python benchmarks/align_gate.py": ["--eval-images", "4", "--fid-images", "20", "--steps", "4",
                                         "--splits", "early:2,late:2"],
-    "python benchmarks/align_memory.py": ["--max-steps", "1", "--pairs-per-step", "1", "--num-steps", "4"],
+    "python benchmarks/align_memory.py": ["--max-steps", "1", "--pairs-per-step", "1", "--num-steps", "4",
+                                          "--models", "tiny-sd"],
+    "python benchmarks/pipeline_speed.py": ["--model", "tiny-sd", "--device", "cpu", "--steps", "4"],
     "python benchmarks/ems_variants.py": ["--num-images", "2", "--nfe", "5"],
     "python benchmarks/inversion.py": ["--num-images", "2", "--steps", "5", "--renoise", "0,1"],
     "python benchmarks/step_overhead.py": ["--steps", "5"],
@@ -74,6 +76,7 @@ ENV = {"bash benchmarks/search_timesteps.sh": {"SEARCH_GUIDANCES": "1", "SEARCH_
                                                "SEARCH_NFES": "5", "SEARCH_NOISES": "4"}}
 # commands run elsewhere, with where
 ELSEWHERE = {
+    "bash benchmarks/gpu.sh": "a CUDA machine (its parts run here through pipeline_speed.py and align_memory.py)",
     "accelerate launch": "tests/test_align.py::test_two_processes_finish_with_identical_weights",
     "python -m pytest -q tests/": "the README's test command (the whole suite)",
     "python -m pytest -q -m slow -n auto": ".ci/run's last step (this file)",

@@ -241,3 +241,28 @@ def test_ddim_step_eta_equals_a_scheduler_configured_with_it():
     sched.set_timesteps(4)
     with pytest.raises(ValueError, match="use_clipped_model_output=False is not supported"):
         sched.step(out, sched.timesteps[0], x, use_clipped_model_output=False)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm-solver++", "pndm", "dc-solver", "unipc"])
+def test_nan_check_on_an_accelerator_waits_for_the_last_step(name, monkeypatch):
+    """Where reading a value back would stall the device queue, the check runs on the device and is read once, at
+    the trajectory's last step; it still names the first bad step, and a fresh trajectory starts clean."""
+    from diffalign.samplers.base import DiffAlignScheduler
+
+    monkeypatch.setattr(DiffAlignScheduler, "_reads_back_cheaply", staticmethod(lambda device: False))
+    sched = make_scheduler(name)
+    sched.set_timesteps(6)
+    x = torch.randn(1, 1, 8, 8)
+    n = len(sched.timesteps)
+    for i, t in enumerate(sched.timesteps):
+        out = torch.full_like(x, float("nan")) if i in (1, 2) else torch.zeros_like(x)
+        if i < n - 1:
+            x = sched.step(out, t, torch.nan_to_num(x)).prev_sample
+        else:
+            with pytest.raises(FloatingPointError, match="NaN/Inf at step 1 "):
+                sched.step(out, t, torch.nan_to_num(x))
+    sched.set_timesteps(6)
+    x = torch.randn(1, 1, 8, 8)
+    for t in sched.timesteps:
+        x = sched.step(torch.zeros_like(x), t, x).prev_sample
+    assert torch.isfinite(x).all()

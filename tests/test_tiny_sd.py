@@ -108,3 +108,26 @@ def test_lora_save_load_round_trip(tmp_path):
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(tmp_path)
     assert torch.allclose(_sample(fresh), tuned, atol=1e-6)
+
+
+def test_sd15_sized_configs_have_stable_diffusion_15s_parameter_counts():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from diffalign.models.tiny_sd import SD15_UNET, SD15_VAE
+
+    with torch.device("meta"):  # sizes only, no memory
+        unet, vae = UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # runwayml/stable-diffusion-v1-5's UNet
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert unet.config.sample_size * 8 == vae.config.sample_size == 512
+
+
+@pytest.mark.slow
+def test_sd15_sized_pipeline_runs_a_guided_step():
+    from diffalign.models.tiny_sd import sd15_sized_pipeline
+
+    pipe = sd15_sized_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(prompt="a red dress", num_inference_steps=1, guidance_scale=7.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()

@@ -32,9 +32,9 @@ def build_reward(spec: str, model: str, kwargs: dict | None = None):
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Rewards [N, K] of the images; a non-finite reward is an error naming the reward."""
+    """Rewards [N, K] of the images, on the images' device; a non-finite reward is an error naming the reward."""
     values, _ = reward(images, prompts)
     if not torch.isfinite(values).all():
         raise FloatingPointError(f"reward {getattr(reward, 'name', reward)!r} returned NaN/Inf for "
                                  f"{int((~torch.isfinite(values)).sum())} of {values.numel()} values; fix the reward.")
-    return values.reshape(values.shape[0], -1)
+    return values.reshape(values.shape[0], -1).to(images.device)

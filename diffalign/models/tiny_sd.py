@@ -17,7 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["TINY_SD_WORDS", "tiny_clip_tokenizer", "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline",
+__all__ = ["SD15_UNET", "SD15_VAE", "TINY_SD_WORDS", "sd15_sized_pipeline", "tiny_clip_tokenizer",
+           "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline",
            "tiny_stable_diffusion_pipeline"]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -126,6 +127,11 @@ def tiny_stable_diffusion_pipeline(
             pad_token_id=tokenizer.pad_token_id,
         )
         text_encoder = CLIPTextModel(text_config)
+    return _assemble_sd(unet, vae, text_encoder, tokenizer, torch_dtype)
+
+
+def _assemble_sd(unet, vae, text_encoder, tokenizer, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` of these components with Stable Diffusion 1.5's DDIM scheduler, in eval mode."""
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -152,6 +158,29 @@ def tiny_stable_diffusion_pipeline(
     return pipe
 
 
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # the rest: diffusers' defaults
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
+)
+
+
+def sd15_sized_pipeline(seed: int = 0, torch_dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """A random-weight ``StableDiffusionPipeline`` with Stable Diffusion 1.5's UNet and VAE architectures (859.5M and
+    83.7M parameters, 64 x 64 latents, 512 x 512 images), for memory and speed measurements of real-size networks
+    offline. The text encoder is CLIP-L's width (768) over the tiny tokenizer's vocabulary."""
+    tokenizer = tiny_clip_tokenizer()
+    unet = _seeded(lambda: UNet2DConditionModel(**SD15_UNET), seed)
+    vae = _seeded(lambda: AutoencoderKL(**SD15_VAE), seed)
+    text_encoder = _seeded(lambda: CLIPTextModel(_clip_config(
+        tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)), seed)
+    return _assemble_sd(unet, vae, text_encoder, tokenizer, torch_dtype)
+
+
 # ---------------------------------------------------------------------------------------- SDXL, SD3, Flux
 def _seeded(build, seed: int = 0) -> torch.nn.Module:
     """``build()`` under ``seed`` without touching the global RNG state, in eval mode."""
@@ -161,11 +190,11 @@ def _seeded(build, seed: int = 0) -> torch.nn.Module:
 
 
 def _clip_config(tokenizer: CLIPTokenizer, **kwargs) -> CLIPTextConfig:
-    """diffusers' dummy CLIP text encoder over the hand-made tokenizer's vocabulary."""
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+    """diffusers' dummy CLIP text encoder over the hand-made tokenizer's vocabulary; ``kwargs`` override its sizes."""
+    settings = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4) | kwargs
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                           layer_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **kwargs)
+                          pad_token_id=tokenizer.pad_token_id, **settings)
 
 
 def _flow_vae(latent_channels: int) -> AutoencoderKL:

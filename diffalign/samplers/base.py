@@ -507,11 +507,8 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
             raise ValueError(
                 f"model_output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}."
             )
-        if self.config.check_finite and not math.isfinite(float(model_output.detach().sum())):
-            raise FloatingPointError(
-                f"the model output is NaN/Inf at step {i} (timestep {float(self.timesteps[i]):g}); check the "
-                "model, its dtype (try float32) and the inputs. Set check_finite=False to skip this check."
-            )
+        if self.config.check_finite:
+            self._check_finite(model_output, i)
         dtype = sample.dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
         x0, eps = self.predict_x0_eps(model_output.to(work), sample.to(work))
@@ -526,6 +523,41 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def host_timesteps(self) -> list[float]:
+        """``self.timesteps`` as Python floats, read back from their device once per grid."""
+        if getattr(self, "_host_timesteps_of", None) is not self.timesteps:
+            self._host_timesteps, self._host_timesteps_of = self.timesteps.double().tolist(), self.timesteps
+        return self._host_timesteps
+
+    @staticmethod
+    def _reads_back_cheaply(device: torch.device) -> bool:
+        """Whether reading a value of ``device`` back costs nothing (the host runs it: no queue to drain)."""
+        return device.type == "cpu"
+
+    def _check_finite(self, model_output: torch.Tensor, i: int) -> None:
+        """Raise on a NaN/Inf model output, naming the first step that gave one.
+
+        On the CPU every step is checked at once. On an accelerator, reading a value back would make the host wait
+        for the model at every step (on a GPU a sampler then runs slower than diffusers' own, which checks
+        nothing), so the check stays on the device, as the index of the first non-finite step, and is read at the
+        trajectory's last step."""
+        if self._reads_back_cheaply(model_output.device):
+            first = i if not math.isfinite(float(model_output.detach().sum())) else -1
+        else:
+            if i == self._first_index or getattr(self, "_nonfinite_step", None) is None:
+                self._nonfinite_step = torch.full((), -1, device=model_output.device)
+            flag = self._nonfinite_step
+            bad = ~torch.isfinite(model_output.detach().sum())
+            self._nonfinite_step = flag = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)
+            if i < len(self.timesteps) - 1:
+                return
+            first = int(flag)
+        if first >= 0:
+            raise FloatingPointError(
+                f"the model output is NaN/Inf at step {first} (timestep {float(self.timesteps[first]):g}); check "
+                "the model, its dtype (try float32) and the inputs. Set check_finite=False to skip this check."
+            )
 
     def _needs_noise(self) -> bool:
         return False

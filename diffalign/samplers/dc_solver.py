@@ -268,5 +268,5 @@ class DCSolverScheduler(UniPCScheduler):
         k = min(len(self.model_outputs), self.config.dc_order + 1)
         if k < self.config.dc_order + 1:
             return  # warm-up: too few outputs to interpolate (the ratio of these steps is 1)
-        times = [float(self.timesteps[j]) for j in range(i - k + 1, i + 1)]
+        times = self.host_timesteps()[i - k + 1:i + 1]
         self.model_outputs[-1] = dynamic_compensation(self.model_outputs[-k:], times, rho, self.config.dc_order)
