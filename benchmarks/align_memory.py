@@ -72,14 +72,13 @@ def main() -> None:
     args = p.parse_args()
     records = []
     with tempfile.TemporaryDirectory() as tmp:
+        from diffalign.models.tiny_sd import RANDOM_PIPELINES
+
         for label in args.models.split(","):
             model = label
-            if label in ("tiny-sd", "sd15-sized"):
-                from diffalign.models import tiny_sd
-
+            if label in RANDOM_PIPELINES:
                 model = str(Path(tmp) / label)
-                build = tiny_sd.sd15_sized_pipeline if label == "sd15-sized" else tiny_sd.tiny_stable_diffusion_pipeline
-                build(seed=0).save_pretrained(model)
+                RANDOM_PIPELINES[label](seed=0).save_pretrained(model)
             for precision in args.mixed_precision.split(","):
                 for reference in ("adapter", "copy"):
                     out = Path(tmp) / f"run-{len(records)}"
@@ -96,11 +95,11 @@ def main() -> None:
                     unit, peak = ("GPU", rec["cuda_peak_mb"]) if gpu else ("RSS", rec["peak_rss_mb"])
                     print(f"{label:<16} {precision:<4} reference={reference:<8} UNet(s) + LoRA "
                           f"{rec['policy_weights_mb']:7.1f} MB, policy set-up +{rec['policy_setup_mb']:7.1f} MB "
-                          f"{unit}, "
-                          f"training peak {unit} {peak:8.1f} MB (UNet weights {rec['unet_mb']:.1f} MB), "
+                          f"{unit}, training peak {unit} {peak:8.1f} MB (UNet weights {rec['unet_mb']:.1f} MB), "
                           f"{rec['train_wall_s']:.1f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1))
+
 
 if __name__ == "__main__":
     main()

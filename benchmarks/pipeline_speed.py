@@ -34,14 +34,10 @@ PROMPTS = ["a photo of a cat", "a red dress", "a blue sneaker", "a painting of a
 
 
 def build(model: str):
-    if model == "sd15-sized":
-        from diffalign.models.tiny_sd import sd15_sized_pipeline
+    from diffalign.models.tiny_sd import RANDOM_PIPELINES
 
-        return sd15_sized_pipeline(seed=0)
-    if model == "tiny-sd":
-        from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
-
-        return tiny_stable_diffusion_pipeline(seed=0)
+    if model in RANDOM_PIPELINES:
+        return RANDOM_PIPELINES[model](seed=0)
     import diffalign
 
     return diffalign.load_pipeline(model)
@@ -93,7 +89,8 @@ def main() -> None:
     pipe = build(args.model)
     pipe.set_progress_bar_config(disable=True)
     config = dict(pipe.scheduler.config)
-    pairs = [tuple(s.split("=", 1)) if "=" in s else (s, None) for s in args.samplers.split(",")]
+    twin_of = dict(tuple(s.split("=", 1)) if "=" in s else (s, None) for s in args.samplers.split(","))
+    names = list(dict.fromkeys(n for pair in twin_of.items() for n in pair if n))
     records, fp32 = [], {}
     for dname in args.dtypes.split(","):
         pipe.to(args.device, DTYPES[dname])
@@ -101,23 +98,20 @@ def main() -> None:
               f"{args.device}")
         print(f"{'sampler':<40}{'s/call':>9}{'ms/step':>9}{'agrees':>12}{'vs fp32':>12}  finite")
         latents, seconds = {}, {}
-        for name in dict.fromkeys(n for pair in pairs for n in pair if n):
+        for name in names:
             def call(n=name, out=latents):
                 out[n] = run(pipe, n, config, args.steps, args.batch, args.guidance, args.device)
             seconds[name] = timed(call, args.device, args.repeats)
-        for ours, twin in pairs:
-            for name, other in ((ours, twin), (twin, None)):
-                if name is None or any(r["sampler"] == name and r["dtype"] == dname for r in records):
-                    continue
-                x = latents[name]
-                agree = None if other is None else gap(x, latents[other])
-                rounding = gap(x, fp32[name]) if name in fp32 and dname != "fp32" else None
-                rec = {"dtype": dname, "sampler": name, "twin": other, "s_per_call": seconds[name],
-                       "ms_per_step": 1e3 * seconds[name] / args.steps, "agreement": agree,
-                       "vs_fp32": rounding, "finite": bool(torch.isfinite(x).all())}
-                records.append(rec)
-                print(f"{name:<40}{rec['s_per_call']:>9.3f}{rec['ms_per_step']:>9.1f}"
-                      f"{fmt(agree):>12}{fmt(rounding):>12}  {rec['finite']}")
+        for name in names:
+            x, other = latents[name], twin_of.get(name)
+            agree = None if other is None else gap(x, latents[other])
+            rounding = gap(x, fp32[name]) if name in fp32 and dname != "fp32" else None
+            rec = {"dtype": dname, "sampler": name, "twin": other, "s_per_call": seconds[name],
+                   "ms_per_step": 1e3 * seconds[name] / args.steps, "agreement": agree,
+                   "vs_fp32": rounding, "finite": bool(torch.isfinite(x).all())}
+            records.append(rec)
+            print(f"{name:<40}{rec['s_per_call']:>9.3f}{rec['ms_per_step']:>9.1f}"
+                  f"{fmt(agree):>12}{fmt(rounding):>12}  {rec['finite']}")
         if dname == "fp32":
             fp32 = latents
     if args.json:

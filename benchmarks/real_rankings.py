@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from align_frontier import batched  # noqa: E402  (benchmarks/align_frontier.py)
+
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,9 +57,7 @@ def main(argv: list[str] | None = None) -> Path:
     scores = {}
     for n in names:
         fn = build_reward(n, args.model)
-        with torch.no_grad():
-            scores[n] = torch.cat([score(fn, flat[i:i + 500], flat_prompts[i:i + 500])[:, 0]
-                                   for i in range(0, len(flat), 500)]).reshape(len(rows), args.k)
+        scores[n] = batched(lambda im, q, fn=fn: score(fn, im, q)[:, 0], flat, flat_prompts).reshape(len(rows), args.k)
     phi = phi_from_scores(scores)
     out.mkdir(parents=True, exist_ok=True)
     lines = []

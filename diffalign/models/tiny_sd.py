@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["SD15_UNET", "SD15_VAE", "TINY_SD_WORDS", "sd15_sized_pipeline", "tiny_clip_tokenizer",
+__all__ = ["RANDOM_PIPELINES", "SD15_UNET", "SD15_VAE", "TINY_SD_WORDS", "sd15_sized_pipeline", "tiny_clip_tokenizer",
            "tiny_flux_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline",
            "tiny_stable_diffusion_pipeline"]
 
@@ -179,6 +179,10 @@ def sd15_sized_pipeline(seed: int = 0, torch_dtype: torch.dtype = torch.float32)
     text_encoder = _seeded(lambda: CLIPTextModel(_clip_config(
         tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)), seed)
     return _assemble_sd(unet, vae, text_encoder, tokenizer, torch_dtype)
+
+
+# the random pipelines by the names the benchmarks take (``--model tiny-sd``)
+RANDOM_PIPELINES = {"tiny-sd": tiny_stable_diffusion_pipeline, "sd15-sized": sd15_sized_pipeline}
 
 
 # ---------------------------------------------------------------------------------------- SDXL, SD3, Flux

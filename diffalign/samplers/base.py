@@ -545,14 +545,13 @@ class DiffAlignScheduler(DPMSolverMultistepScheduler):
         if self._reads_back_cheaply(model_output.device):
             first = i if not math.isfinite(float(model_output.detach().sum())) else -1
         else:
-            if i == self._first_index or getattr(self, "_nonfinite_step", None) is None:
+            if i == self._first_index:  # a trajectory's first step (step() sets _first_index there)
                 self._nonfinite_step = torch.full((), -1, device=model_output.device)
-            flag = self._nonfinite_step
-            bad = ~torch.isfinite(model_output.detach().sum())
-            self._nonfinite_step = flag = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)
+            flag, bad = self._nonfinite_step, ~torch.isfinite(model_output.detach().sum())
+            self._nonfinite_step = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)
             if i < len(self.timesteps) - 1:
                 return
-            first = int(flag)
+            first = int(self._nonfinite_step)
         if first >= 0:
             raise FloatingPointError(
                 f"the model output is NaN/Inf at step {first} (timestep {float(self.timesteps[first]):g}); check "
