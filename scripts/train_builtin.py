@@ -43,6 +43,7 @@ from diffalign.models.builtin import (  # noqa: E402
     load_builtin_data,
     load_builtin_unet,
     load_fid_stats,
+    translate,
     weights_dir,
 )
 from diffalign.samplers import make_scheduler  # noqa: E402
@@ -77,13 +78,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
     """Random translation by up to ``shift`` pixels, filling with the background value (-1)."""
     if shift <= 0:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift,) * 4, value=-1.0)
-    dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-    dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None]).clamp(max=h + 2 * shift - 1)
-    cols = (dx[:, None] + torch.arange(w)[None])
-    return padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    dx = torch.randint(0, 2 * shift + 1, (len(x),), generator=gen)
+    dy = torch.randint(0, 2 * shift + 1, (len(x),), generator=gen)
+    return translate(x, dy, dx, shift)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, final_frac: float = 0.05) -> float:

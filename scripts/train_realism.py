@@ -23,16 +23,14 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffalign.models.builtin import BUILTIN_MODELS, builtin_spec, load_builtin_data, weights_dir  # noqa: E402
+from diffalign.models.builtin import (  # noqa: E402
+    BUILTIN_MODELS,
+    builtin_spec,
+    load_builtin_data,
+    translate,
+    weights_dir,
+)
 from diffalign.rewards.realism import WEIGHTS_FILE, PixelMLP, class_gaussians, realism_score  # noqa: E402
-
-
-def shift_images(x: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
-    """Random translation by up to ``shift`` pixels, filling with the background value (-1)."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def main(argv=None) -> None:
@@ -59,7 +57,8 @@ def main(argv=None) -> None:
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), args.batch_size):
             idx = perm[i:i + args.batch_size]
-            loss = F.cross_entropy(net(shift_images(x[idx], gen, shift)), y[idx], label_smoothing=0.05)
+            dy, dx = torch.randint(0, 2 * shift + 1, (2, len(idx)), generator=gen)  # a random translation
+            loss = F.cross_entropy(net(translate(x[idx], dy, dx, shift)), y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -19,6 +19,7 @@ from diffalign.models.builtin import (
     load_builtin_classifier,
     load_builtin_data,
     load_builtin_unet,
+    translate,
     weights_dir,
 )
 from diffalign.models.registry import MODELS, load_model
@@ -205,6 +206,17 @@ def test_unknown_names_list_the_valid_ones(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelNotAvailableError, match="not available offline"):
         load_pipeline("no-such-org/no-such-model")
+
+
+def test_translate_moves_each_image_and_fills_background():
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    dy, dx = torch.tensor([2, 0]), torch.tensor([2, 3])
+    out = translate(x, dy, dx, shift=2)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[0], x[0])  # offset (shift, shift): no move
+    # image 1 moves down 2 rows (offset 0 - shift) and left 1 column (offset 3 - shift)
+    torch.testing.assert_close(out[1, 0, 2:, :4], x[1, 0, :2, 1:])
+    assert (out[1, 0, :2] == -1).all() and (out[1, 0, :, 4] == -1).all()
 
 
 def test_training_script_tiny_run(tmp_path):

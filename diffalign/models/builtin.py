@@ -38,6 +38,7 @@ __all__ = [
     "load_builtin_data",
     "load_builtin_unet",
     "load_fid_stats",
+    "translate",
     "weights_dir",
 ]
 
@@ -203,6 +204,16 @@ def _fashion_arrays() -> dict[str, np.ndarray]:
 def _fashion_tensor(x: np.ndarray) -> Tensor:
     t = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
     return nn.functional.pad(t, (2, 2, 2, 2), value=-1.0)  # background (0 -> -1) padding to 32x32
+
+
+def translate(x: Tensor, dy: Tensor, dx: Tensor, shift: int) -> Tensor:
+    """Move image ``i`` of ``x`` ``[N, C, H, W]`` by ``(dy[i] - shift, dx[i] - shift)`` pixels, offsets in
+    ``[0, 2 * shift]``, filling with the background value (-1): the training scripts' augmentation."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, value=-1.0)
+    rows = dy[:, None] + torch.arange(h)[None]
+    cols = dx[:, None] + torch.arange(w)[None]
+    return padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def load_builtin_data(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
