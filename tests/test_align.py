@@ -371,6 +371,80 @@ def test_tiny_stable_diffusion_trains_and_its_lora_loads_in_diffusers(tmp_path):
     assert torch.allclose(sample(ours), after, atol=1e-4)
 
 
+def test_tiny_sdxl_trains_and_its_lora_loads_in_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
+
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    config = config_for("d3po", overrides={"model": str(tmp_path / "sdxl"), "reward": "brightness",
+                                           "prompts": ["a photo of a cat", "a red dog"], "num_steps": 4,
+                                           "pairs_per_step": 2, "max_steps": 2, "lr": 1e-2, "guidance": 5.0,
+                                           "checkpoint_every": 0})
+    result = train("d3po", config, tmp_path / "run", progress=False)
+    assert result.policy.kind == "sdxl" and len(result.metrics) == 2
+
+    def sample(pipe):
+        return pipe(prompt="a photo of a cat", num_inference_steps=3, guidance_scale=5.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    before = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "run")
+    after = sample(pipe)
+    assert not torch.allclose(before, after, atol=1e-6)
+    ours = diffalign.load_pipeline(str(tmp_path / "run"))
+    ours.scheduler = pipe.scheduler
+    assert isinstance(ours, StableDiffusionXLPipeline) and torch.allclose(sample(ours), after, atol=1e-4)
+
+
+def test_sdxl_policy_predicts_what_the_pipeline_does():
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    policy = Policy(pipe, LoraSettings(rank=2))
+    prompts = ["a red dog", "a photo of a cat"]
+    cond = policy.encode(prompts)
+    assert cond.shape == (2, pipe.tokenizer.model_max_length + 1, pipe.unet.config.cross_attention_dim)
+    torch.testing.assert_close(policy.null_condition(2), torch.zeros_like(cond))  # force_zeros_for_empty_prompt
+    x, t = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor(600)
+    with torch.no_grad():
+        ours = policy.predict(x, t, cond, guidance=4.0)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompt=prompts, device="cpu")
+        size = policy.image_shape[1:]
+        ids = pipe._get_add_time_ids(size, (0, 0), size, torch.float32, 32).repeat(4, 1)
+        with policy.as_reference() as net:  # the adapter is zero at initialisation; check the plain UNet
+            out = net(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative, embeds]),
+                      added_cond_kwargs={"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": ids})
+    uncond, c = out.sample.chunk(2)
+    torch.testing.assert_close(ours, uncond + 4.0 * (c - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_an_sdxl_float16_vae_decodes_in_float32_as_the_pipeline_does():
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    full = Policy(pipe).decode(z := torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+    pipe.vae.to(torch.float16)
+    half_weights = Policy(pipe)
+    upcast = half_weights.decode(z)
+    assert pipe.vae.dtype == torch.float16  # back as it was
+    pipe.vae.to(torch.float32)
+    torch.testing.assert_close(upcast, half_weights.decode(z))  # float32 on the float16-rounded weights
+    assert (upcast - full).abs().max() < 0.05 and half_weights.encode_images(upcast).dtype == torch.float32
+
+
+def test_pipelines_alignment_cannot_train_are_refused_by_name():
+    from diffalign.models.tiny_sd import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    with pytest.raises(TypeError, match="StableDiffusion3Pipeline is not supported: it has a transformer"):
+        Policy(tiny_sd3_pipeline())
+    refiner = tiny_sdxl_pipeline()
+    refiner.text_encoder = None  # an SDXL refiner has only the second text encoder
+    with pytest.raises(TypeError, match="no text encoder `text_encoder` \\(an SDXL refiner\\?\\)"):
+        Policy(refiner)
+
+
 # ---------------------------------------------------------------------- human labels
 def test_exported_pairs_train_from_a_labels_file(tmp_path):
     from diffalign.cli import main

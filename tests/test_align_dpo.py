@@ -343,26 +343,28 @@ def write_pairs(root: Path, size: int, channels: int = 3, n: int = 3, scores: bo
     return root
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
 @pytest.mark.parametrize("name", ["diffusion-dpo", "rankdpo", "smpo"])
-def test_tiny_stable_diffusion_trains_from_a_dataset_on_disk_and_its_lora_loads(tmp_path, name):
-    from diffusers import StableDiffusionPipeline
+def test_tiny_stable_diffusion_trains_from_a_dataset_on_disk_and_its_lora_loads(tmp_path, name, kind):
+    from diffusers import DiffusionPipeline
 
-    from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline, tiny_stable_diffusion_pipeline
 
-    tiny_stable_diffusion_pipeline(seed=0, sample_size=8).save_pretrained(tmp_path / "sd")
+    build = {"sd": lambda: tiny_stable_diffusion_pipeline(seed=0, sample_size=8), "sdxl": tiny_sdxl_pipeline}[kind]
+    build().save_pretrained(tmp_path / "sd")
     size = Policy(diffalign.load_pipeline(str(tmp_path / "sd"))).image_shape[1]
     data = write_pairs(tmp_path / "pairs", size)
     extra = {"inversion_steps": 1, "score_low": 0.0, "score_high": 1.0} if name == "smpo" else {}
     cfg = config_for(name, overrides={"model": str(tmp_path / "sd"), "data": str(data), "max_steps": 2,
                                       "prompts_per_step": 2, "lr": 1e-2, "checkpoint_every": 0, **extra})
     result = train(name, cfg, tmp_path / "run", progress=False)
-    assert result.policy.is_text and len(result.metrics) == 2
+    assert result.policy.kind == kind and len(result.metrics) == 2
 
     def sample(pipe):
         return pipe(prompt="a red dog", num_inference_steps=3, guidance_scale=1.0, output_type="pt",
                     generator=torch.Generator().manual_seed(0)).images
 
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd")
     before = sample(pipe)
     pipe.load_lora_weights(tmp_path / "run")
     assert not torch.allclose(before, sample(pipe), atol=1e-6)

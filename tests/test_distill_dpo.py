@@ -123,14 +123,16 @@ def test_two_processes_finish_with_identical_student_and_fakes(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-def test_tiny_stable_diffusion_student_trains_and_reloads(tmp_path):
-    from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_tiny_stable_diffusion_student_trains_and_reloads(tmp_path, kind):
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline, tiny_stable_diffusion_pipeline
 
-    tiny_stable_diffusion_pipeline(seed=0, sample_size=8).save_pretrained(tmp_path / "sd")
+    build = {"sd": lambda: tiny_stable_diffusion_pipeline(seed=0, sample_size=8), "sdxl": tiny_sdxl_pipeline}[kind]
+    build().save_pretrained(tmp_path / "sd")
     config = cfg(model=str(tmp_path / "sd"), prompts=["a photo of a cat", "a red dog"], max_steps=2,
                  teacher_guidance=3.0)
     result = train("distill-dpo", config, tmp_path / "run", progress=False)
-    assert result.policy.is_text and len(result.metrics) == 2
+    assert result.policy.kind == kind and len(result.metrics) == 2
     pipe = diffalign.load_pipeline(str(tmp_path / "run"))
     images = pipe(prompt="a red dog", num_inference_steps=pipe.recommended_steps, guidance_scale=1.0,
                   output_type="pt", generator=torch.Generator().manual_seed(0)).images

@@ -120,11 +120,28 @@ def test_ems_are_computed_on_a_stable_diffusion_directory(tiny_sd_dir, tmp_path)
     assert all(bool(torch.isfinite(v).all()) for v in (ems.l, ems.s, ems.b))
 
 
+def test_an_sdxl_pipeline_is_a_text_conditioned_latent_model_with_its_added_inputs():
+    from diffalign.models.pipeline_model import named_model_of_pipeline
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    named = named_model_of_pipeline(pipe, "sdxl", prompts=["a red car", "a cat"])
+    assert named.sample_shape == (4, 16, 16) and named.scheduler_config["timestep_spacing"] == "trailing"
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(400)
+    with torch.no_grad():
+        guided = named.predict(x, t, torch.tensor([0, 1]), 5.0)
+        # diffusers' own SDXL call: its prompt encoding, zero negative embeddings, size ids of a 32 x 32 image
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompt=["a red car", "a cat"], device="cpu")
+        ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, 32).repeat(4, 1)
+        out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative, embeds]),
+                        added_cond_kwargs={"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": ids})
+    uncond, cond = out.sample.chunk(2)
+    torch.testing.assert_close(guided, uncond + 5.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
 def test_pipelines_the_sampler_commands_cannot_drive_are_refused_by_name():
     from diffalign.models.pipeline_model import named_model_of_pipeline
-    from diffalign.models.tiny_sd import tiny_sd3_pipeline, tiny_sdxl_pipeline
+    from diffalign.models.tiny_sd import tiny_sd3_pipeline
 
-    with pytest.raises(TypeError, match="added embeddings"):
-        named_model_of_pipeline(tiny_sdxl_pipeline(), "sdxl")
     with pytest.raises(TypeError, match="no UNet"):
         named_model_of_pipeline(tiny_sd3_pipeline(), "sd3")

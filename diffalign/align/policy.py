@@ -1,7 +1,8 @@
 """The policy: a thin adapter over a diffusers pipeline with what every alignment method needs.
 
 * prompts to conditioning: class labels (:class:`~diffalign.pipelines.ClassConditionalPipeline`) or CLIP text
-  embeddings (Stable Diffusion pipelines, through the pipeline's own ``encode_prompt``);
+  embeddings (Stable Diffusion and SDXL pipelines, through the pipeline's own ``encode_prompt``; SDXL's pooled
+  embedding travels as one extra token, see :meth:`Policy.encode`);
 * the (classifier-free guided) model output at a timestep, for the policy or for the reference;
 * latents to images in [0, 1] (through the VAE where the pipeline has one);
 * the trainable parameters: a peft LoRA on the UNet, or every UNet weight (``full_finetune``).
@@ -100,11 +101,35 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def pipeline_kind(pipe) -> str:
+    """``"class"`` (:class:`~diffalign.pipelines.ClassConditionalPipeline`), ``"sd"`` (a UNet conditioned on one CLIP
+    text encoder: Stable Diffusion 1.x / 2.x) or ``"sdxl"`` (SDXL base: two CLIP encoders, pooled embedding and
+    size ids); any other pipeline is a ``TypeError`` that says what is supported."""
+    unet = getattr(pipe, "unet", None)
+    if hasattr(pipe, "null_label") and unet is not None:
+        return "class"
+    supported = ("alignment trains the UNet of a ClassConditionalPipeline, a Stable Diffusion pipeline (UNet + CLIP "
+                 "text encoder) or an SDXL base pipeline (UNet + two CLIP text encoders)")
+    name = type(pipe).__name__
+    if unet is None:
+        parts = "a transformer" if getattr(pipe, "transformer", None) is not None else "no UNet"
+        raise TypeError(f"{name} is not supported: it has {parts}; {supported}.")
+    if getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
+        raise TypeError(f"{name} is not supported: it has no text encoder `text_encoder` (an SDXL refiner?); "
+                        f"{supported}.")
+    embedding = getattr(unet.config, "addition_embed_type", None)
+    if embedding is None:
+        return "sd"
+    if embedding == "text_time" and getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    raise TypeError(f"{name} is not supported: its UNet takes addition_embed_type={embedding!r} inputs; {supported}.")
+
+
 class Policy:
     """Conditioning, guided prediction, decoding and trainable parameters of a pipeline's UNet.
 
     Args:
-        pipe: a :class:`~diffalign.pipelines.ClassConditionalPipeline` or a Stable Diffusion pipeline.
+        pipe: a :class:`~diffalign.pipelines.ClassConditionalPipeline`, a Stable Diffusion or an SDXL base pipeline.
         lora: LoRA settings (None with ``full_finetune=False``: nothing is trainable, e.g. for evaluation).
         full_finetune: train every UNet weight.
         reference: ``"adapter"`` (LoRA disabled) or ``"copy"`` (a frozen deepcopy of the initial UNet).
@@ -114,14 +139,15 @@ class Policy:
                  reference: str = "adapter"):
         if reference not in ("adapter", "copy"):
             raise ValueError(f"reference={reference!r}; use 'adapter' or 'copy'.")
+        self.kind = pipeline_kind(pipe)
+        self.is_text = self.kind != "class"
         self.pipe = pipe
         self.unet = pipe.unet
         self.device = self.unet.device
-        self.is_text = getattr(pipe, "text_encoder", None) is not None
-        if not self.is_text and not hasattr(pipe, "null_label"):
-            raise TypeError(f"{type(pipe).__name__} is not supported: alignment needs a ClassConditionalPipeline or a "
-                            "Stable Diffusion pipeline (UNet2DConditionModel + CLIP text encoder).")
-        for module in (self.unet, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None)):
+        if self.kind == "sdxl":
+            self._init_sdxl()
+        for module in (self.unet, getattr(pipe, "vae", None), getattr(pipe, "text_encoder", None),
+                       getattr(pipe, "text_encoder_2", None)):
             if module is not None:
                 module.requires_grad_(False)
         self.lora = None if full_finetune else lora
@@ -141,6 +167,22 @@ class Policy:
         """The module called when gradients are needed (the trainer sets it to the accelerate-wrapped UNet)."""
         self._text_cache: dict[str, torch.Tensor] = {}
         self._reference_depth = 0
+
+    def _init_sdxl(self) -> None:
+        """SDXL's extra UNet inputs: the pooled embedding's width, and the size ids of the pipeline's default call
+        (original size = target size = the image size, crop (0, 0)), the same for every image."""
+        self._pooled_dim = self.pipe.text_encoder_2.config.projection_dim
+        width = self.unet.config.cross_attention_dim
+        if self._pooled_dim > width:
+            raise TypeError(f"the pooled text embedding ({self._pooled_dim}) is wider than the UNet's cross-attention "
+                            f"width ({width}); this SDXL variant is not supported.")
+        _, h, w = self.image_shape
+        self._time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device)
+        expected = self.unet.add_embedding.linear_1.in_features
+        got = self.unet.config.addition_time_embed_dim * self._time_ids.shape[1] + self._pooled_dim
+        if expected != got:
+            raise TypeError(f"this SDXL UNet expects {expected} added inputs, not the base model's six size ids and "
+                            f"pooled embedding ({got}); SDXL refiners (aesthetic-score ids) are not supported.")
 
     # ------------------------------------------------------------------ shapes and conditioning
     @property
@@ -192,11 +234,25 @@ class Policy:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of images [N, C, H, W] in [0, 1]: the VAE posterior mean times its scaling factor, or
         ``2 x - 1`` for pixel-space models (the inverse of :meth:`decode`)."""
-        vae = getattr(self.pipe, "vae", None)
         x = images.to(device=self.device, dtype=torch.float32) * 2 - 1
-        if vae is None:
+        if getattr(self.pipe, "vae", None) is None:
             return x.to(self.dtype)
-        return (vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor).to(self.dtype)
+        with self._vae() as vae:
+            return (vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor).to(self.dtype)
+
+    @contextmanager
+    def _vae(self) -> Iterator[torch.nn.Module]:
+        """The pipeline's VAE, in float32 for the block where the pipeline itself would upcast it (SDXL's float16 VAE
+        with ``force_upcast``, which overflows in float16)."""
+        vae = self.pipe.vae
+        upcast = self.kind == "sdxl" and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            yield vae
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def check_prompts(self, prompts: Sequence[str]) -> list[str]:
         """Validate prompts where they enter (an empty list, or a class name the model does not know, is an error)."""
@@ -218,20 +274,29 @@ class Policy:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Conditioning of each prompt: class labels [N] or text embeddings [N, L, D]."""
+        """Conditioning of each prompt: class labels [N] or text embeddings [N, L, D]. For SDXL [N, L + 1, D]: the
+        text embeddings, then the pooled embedding (zero-padded to D) as one more token, so that every method can
+        batch, index and concatenate the conditioning as one tensor."""
         if not self.is_text:
             return torch.tensor([self.pipe.prompt_to_label(p) for p in prompts], dtype=torch.long, device=self.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            out = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+            embeds = out[0]
+            if self.kind == "sdxl":
+                pooled = torch.nn.functional.pad(out[2], (0, embeds.shape[-1] - out[2].shape[-1]))
+                embeds = torch.cat([embeds, pooled[:, None].to(embeds.dtype)], dim=1)
             self._text_cache.update(zip(missing, embeds, strict=True))
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def null_condition(self, n: int) -> torch.Tensor:
-        """The unconditional input (null class / empty prompt) for classifier-free guidance."""
+        """The unconditional input for classifier-free guidance, as the pipeline makes it: the null class, the
+        empty prompt, or zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
         if not self.is_text:
             return torch.full((n,), self.pipe.null_label, dtype=torch.long, device=self.device)
-        return self.encode([""] * n)
+        empty = self.encode([""] * n)
+        return torch.zeros_like(empty) if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False) else empty
 
     # ------------------------------------------------------------------ prediction
     @contextmanager
@@ -258,6 +323,10 @@ class Policy:
 
     def _call(self, net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        if self.kind == "sdxl":
+            added = {"text_embeds": cond[:, -1, :self._pooled_dim],
+                     "time_ids": self._time_ids.to(cond.dtype).expand(x.shape[0], -1)}
+            return net(x, t, encoder_hidden_states=cond[:, :-1], added_cond_kwargs=added).sample
         if self.is_text:
             return net(x, t, encoder_hidden_states=cond).sample
         return net(x, t, class_labels=cond).sample
@@ -288,9 +357,9 @@ class Policy:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], float32 [N, C, H, W]."""
-        vae = getattr(self.pipe, "vae", None)
-        if vae is not None:
-            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        if getattr(self.pipe, "vae", None) is not None:
+            with self._vae() as vae:
+                latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ parameters and saving
@@ -314,8 +383,8 @@ class Policy:
             self.unet.load_state_dict(state)
 
     def save(self, out_dir: str | Path, base_model: str, method: str, extra: dict | None = None) -> None:
-        """Write the trained weights so that :func:`load_aligned_pipeline` (and, for Stable Diffusion, diffusers'
-        ``pipe.load_lora_weights(out_dir)``) loads them: LoRA weights in diffusers' file layout, or the UNet.
+        """Write the trained weights so that :func:`load_aligned_pipeline` (and, for Stable Diffusion and SDXL,
+        diffusers' ``pipe.load_lora_weights(out_dir)``) loads them: LoRA weights in diffusers' file layout, or the UNet.
         ``extra`` goes to ``alignment.json`` (``{"sampling": {"sampler", "steps", "scheduler_config"}}``: how the
         model is meant to be sampled, e.g. a few-step student)."""
         out = Path(out_dir)

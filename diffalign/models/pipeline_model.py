@@ -5,7 +5,8 @@ diffusers directory, a ``diffalign train`` output directory or a hub id as well 
 The denoiser works in the pipeline's sample space (latents where it has a VAE). Conditioning comes from the
 alignment policy's adapter (:class:`~diffalign.align.policy.Policy`): class labels for a
 :class:`~diffalign.pipelines.ClassConditionalPipeline`, CLIP text embeddings of a fixed prompt list for a Stable
-Diffusion pipeline. Label ``k`` means the k-th class name or prompt; ``labels=None`` is the null class / empty prompt.
+Diffusion or SDXL pipeline. Label ``k`` means the k-th class name or prompt; ``labels=None`` is the null class /
+empty prompt.
 A scheduler config with ``timestep_spacing="leading"`` is read as ``"trailing"``, so that every sampler and step count
 starts from the same first sigma, as the error benchmark and the time-step search compare them.
 """
@@ -71,11 +72,8 @@ def named_model_of_pipeline(pipe, name: str, prompts: Sequence[str] | None = Non
     unet = getattr(pipe, "unet", None)
     if unet is None or getattr(pipe, "scheduler", None) is None:
         raise TypeError(f"{name!r} loads as a {type(pipe).__name__}, which has no UNet and scheduler: the sampler "
-                        "commands support UNet pipelines (Stable Diffusion 1.x / 2.x, diffalign's class-conditional).")
-    if getattr(unet.config, "addition_embed_type", None) is not None:
-        raise TypeError(f"{name!r} is a {type(pipe).__name__}, whose UNet also takes added embeddings (SDXL's "
-                        "pooled text and image sizes); the sampler commands support Stable Diffusion 1.x / 2.x and "
-                        "diffalign's class-conditional pipelines.")
+                        "commands support UNet pipelines (Stable Diffusion 1.x / 2.x, SDXL, diffalign's "
+                        "class-conditional).")
     policy = Policy(pipe)
     if policy.is_text:
         names = tuple(prompts) if prompts else DEFAULT_PROMPTS
