@@ -370,6 +370,42 @@ def test_tiny_stable_diffusion_trains_from_a_dataset_on_disk_and_its_lora_loads(
     assert not torch.allclose(before, sample(pipe), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_the_regression_target_of_each_prediction_type_is_what_the_policy_reads_back(kind):
+    from diffalign.align.methods.preference import training_target
+
+    pipe = diffalign.load_pipeline("builtin:digits")
+    pipe.scheduler.register_to_config(prediction_type=kind)
+    policy, gen = Policy(pipe), torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
+    t = torch.tensor([10, 400, 990])
+    a = policy.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    got_x0, got_eps = policy.split_prediction(training_target(kind, x0, eps, a), x_t, t)
+    torch.testing.assert_close(got_x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_eps, eps, rtol=1e-4, atol=2e-3 if kind == "sample" else 1e-4)
+
+
+def test_a_v_prediction_stable_diffusion_pipeline_trains_with_d3po_and_diffusion_dpo(tmp_path):
+    from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+
+    pipe = tiny_stable_diffusion_pipeline(seed=0, sample_size=8)
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")  # as Stable Diffusion 2.x (768-v)
+    pipe.save_pretrained(tmp_path / "sd2")
+    common = {"model": str(tmp_path / "sd2"), "max_steps": 2, "lr": 1e-2, "checkpoint_every": 0}
+    d3po = train("d3po", config_for("d3po", overrides={
+        **common, "reward": "brightness", "prompts": ["a red dog", "a photo of a cat"], "num_steps": 4,
+        "pairs_per_step": 2}), tmp_path / "d3po", progress=False)
+    data = write_pairs(tmp_path / "pairs", d3po.policy.image_shape[1])
+    dpo = train("diffusion-dpo", config_for("diffusion-dpo", overrides={**common, "data": str(data),
+                                                                        "prompts_per_step": 2}),
+                tmp_path / "dpo", progress=False)
+    for result in (d3po, dpo):
+        assert result.policy.prediction_type == "v_prediction" and len(result.metrics) == 2
+        assert all(math.isfinite(row["loss"]) for row in result.metrics)
+        assert any(v.abs().max() > 0 for k, v in result.policy.trainable_state_dict().items() if "lora_B" in k)
+
+
 # ---------------------------------------------------------------------- datasets
 def test_pickapic_style_dataset_loads_and_trains(tmp_path):
     datasets = pytest.importorskip("datasets")
