@@ -434,6 +434,29 @@ def test_an_sdxl_float16_vae_decodes_in_float32_as_the_pipeline_does():
     assert (upcast - full).abs().max() < 0.05 and half_weights.encode_images(upcast).dtype == torch.float32
 
 
+@pytest.mark.parametrize("latent_stats", [False, True])
+def test_sdxl_decoding_is_the_pipelines_own_even_under_autocast(latent_stats):
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    if latent_stats:  # per-channel latent statistics in the VAE config, as some SDXL variants have
+        pipe.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 1.0, 2.0])
+    call = {"prompt": "a red dog", "num_inference_steps": 2, "guidance_scale": 1.0}
+    latents = pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(**call, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    policy = Policy(pipe)
+    torch.testing.assert_close(policy.decode(latents), images, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a mixed-precision training step: the VAE stays float32
+        torch.testing.assert_close(policy.decode(latents), images, rtol=1e-5, atol=1e-5)
+    # encoding inverts the decoding's latent scaling (the random VAE itself is no autoencoder)
+    with torch.no_grad():
+        raw = pipe.vae.encode(images * 2 - 1).latent_dist.mean
+    cfg = pipe.vae.config
+    mean, std = ((torch.tensor(cfg.latents_mean).reshape(1, 4, 1, 1), torch.tensor(cfg.latents_std).reshape(1, 4, 1, 1))
+                 if latent_stats else (0.0, 1.0))
+    torch.testing.assert_close(policy.encode_images(images), (raw - mean) * cfg.scaling_factor / std)
+
+
 def test_pipelines_alignment_cannot_train_are_refused_by_name():
     from diffalign.models.tiny_sd import tiny_sd3_pipeline, tiny_sdxl_pipeline
 

@@ -238,18 +238,31 @@ class Policy:
         if getattr(self.pipe, "vae", None) is None:
             return x.to(self.dtype)
         with self._vae() as vae:
-            return (vae.encode(x.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor).to(self.dtype)
+            z = vae.encode(x.to(vae.dtype)).latent_dist.mean
+            mean, std = self._latents_mean_std(z)
+            return ((z - mean) * vae.config.scaling_factor / std).to(self.dtype)
+
+    def _latents_mean_std(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The VAE's per-channel latent statistics where its config has them (as the SDXL pipeline applies them),
+        else (0, 1)."""
+        cfg = self.pipe.vae.config
+        if getattr(cfg, "latents_mean", None) is None or getattr(cfg, "latents_std", None) is None:
+            return 0.0, 1.0
+        shape = (1, -1, *([1] * (like.dim() - 2)))
+        return (torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).reshape(shape),
+                torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).reshape(shape))
 
     @contextmanager
     def _vae(self) -> Iterator[torch.nn.Module]:
-        """The pipeline's VAE, in float32 for the block where the pipeline itself would upcast it (SDXL's float16 VAE
-        with ``force_upcast``, which overflows in float16)."""
+        """The pipeline's VAE outside autocast (the pipeline never runs it under autocast), and in float32 where the
+        pipeline would upcast it (SDXL's float16 VAE with ``force_upcast``, which overflows in float16)."""
         vae = self.pipe.vae
         upcast = self.kind == "sdxl" and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         try:
-            yield vae
+            with torch.autocast(self.device.type, enabled=False):
+                yield vae
         finally:
             if upcast:
                 vae.to(torch.float16)
@@ -281,8 +294,9 @@ class Policy:
             return torch.tensor([self.pipe.prompt_to_label(p) for p in prompts], dtype=torch.long, device=self.device)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            out = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
+            with torch.autocast(self.device.type, enabled=False):  # as the pipeline encodes: outside autocast
+                out = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
             embeds = out[0]
             if self.kind == "sdxl":
                 pooled = torch.nn.functional.pad(out[2], (0, embeds.shape[-1] - out[2].shape[-1]))
@@ -325,7 +339,7 @@ class Policy:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         if self.kind == "sdxl":
             added = {"text_embeds": cond[:, -1, :self._pooled_dim],
-                     "time_ids": self._time_ids.to(cond.dtype).expand(x.shape[0], -1)}
+                     "time_ids": self._time_ids.to(device=cond.device, dtype=cond.dtype).expand(x.shape[0], -1)}
             return net(x, t, encoder_hidden_states=cond[:, :-1], added_cond_kwargs=added).sample
         if self.is_text:
             return net(x, t, encoder_hidden_states=cond).sample
@@ -359,7 +373,9 @@ class Policy:
         """Images in [0, 1], float32 [N, C, H, W]."""
         if getattr(self.pipe, "vae", None) is not None:
             with self._vae() as vae:
-                latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+                z = latents.to(vae.dtype)
+                mean, std = self._latents_mean_std(z)
+                latents = vae.decode(z * std / vae.config.scaling_factor + mean).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ parameters and saving
