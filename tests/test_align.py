@@ -21,6 +21,7 @@ import diffalign
 from diffalign.align import Policy, config_for, train
 from diffalign.align.config import LoraSettings
 from diffalign.align.losses import d3po_loss, gaussian_kl, gaussian_log_prob, implicit_accuracy
+from diffalign.align.trainer import read_metrics
 from diffalign.align.trajectory import (
     ddim_scheduler,
     sample_trajectories,
@@ -255,6 +256,9 @@ def test_vector_reward_bf16_tensorboard_and_accumulation(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["ties"] <= 1 for r in rows)
     assert rows[-1]["images_seen"] == 2 * 2 * 2 * 2
     assert list(out.rglob("events.out.tfevents.*"))
+    (out / "notes.txt").write_text("mine")
+    train("d3po", cfg(max_steps=1), out, overwrite=True, progress=False)  # replaces the run, logs and all
+    assert not list(out.rglob("events.out.tfevents.*")) and (out / "notes.txt").read_text() == "mine"
 
 
 def test_steps_back_propagated_in_groups_give_the_same_gradient(digits_pipe):
@@ -524,7 +528,16 @@ def test_config_values_of_the_wrong_kind_are_refused_naming_the_key(tmp_path):
     (tmp_path / "bad.yaml").write_text("lr: [0.1\n")
     with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
         config_for("d3po", tmp_path / "bad.yaml")
-    for override, match in (({"log_every": 0}, "log_every must be >= 1"), ({"device": "cuda:1"}, "CUDA_VISIBLE")):
+    for override, match in (({"max_steps": 2.5}, "max_steps must be a whole number"),
+                            ({"max_minutes": "30"}, "max_minutes must be a number"),
+                            ({"lora": {"alpha": "big"}}, "alpha must be a number")):
+        with pytest.raises(ValueError, match=match):
+            config_for("d3po", overrides=override)
+    assert config_for("d3po", overrides={"max_steps": 4.0}).max_steps == 4
+    for override, match in (({"log_every": 0}, "log_every must be >= 1"), ({"device": "cuda:1"}, "CUDA_VISIBLE"),
+                            ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1"),
+                            ({"max_grad_norm": 0}, "max_grad_norm must be > 0"),
+                            ({"mixed_precision": "fp32"}, "mixed_precision='fp32'")):
         with pytest.raises(ValueError, match=match):
             train("d3po", cfg(**override), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="DDPO needs a scalar reward.*name one"):
@@ -614,7 +627,102 @@ def test_output_directory_of_another_run_and_incompatible_resume_are_refused(tmp
                                          r"now 0.5\. The resumed run uses these .*--config .*config.yaml"):
         train("d3po", cfg(max_steps=4, lr=1e-3, beta=0.5), out, resume="latest", progress=False)
     assert config_for("d3po", out / "config.yaml").lr == 1e-3  # config.yaml records what the run went on with
+    assert [r["lr"] for r in read_metrics(out / "metrics.jsonl")] == [3e-5, 3e-5, 3e-5, 1e-3]  # ... and uses it
+    state = load_file(str(out / "checkpoints" / "step-000004" / "optimizer.safetensors"))
+    assert state  # the moments carried over; the settings are the new ones
+    group = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())["optimizer"][
+        "param_groups"][0]
+    assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (1e-3, 1e-3, 1e-4)
     assert len(train("d3po", cfg(max_steps=1), out, overwrite=True, progress=False).metrics) == 1
+
+
+def test_resumed_optimizer_settings_are_the_configs_and_the_warmup_goes_on(tmp_path):
+    out = tmp_path / "run"
+    train("d3po", cfg(max_steps=2, checkpoint_every=1, lr=1e-2, lr_warmup_steps=4), out, progress=False)
+    with pytest.warns(UserWarning, match="weight_decay was 0.0001, now 0.5"):
+        train("d3po", cfg(max_steps=3, lr=2e-2, lr_warmup_steps=4, weight_decay=0.5, adam_beta1=0.5), out,
+              resume="latest", progress=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 / 4, 2e-2 / 4, 3 * 2e-2 / 4])  # step 3 of the warm-up
+    group = json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())["optimizer"][
+        "param_groups"][0]
+    assert (group["weight_decay"], group["betas"]) == (0.5, [0.5, 0.999])
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed_into_a_directory_holding_a_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train("d3po", cfg(max_steps=2, checkpoint_every=1, seed=1), a, progress=False)
+    train("d3po", cfg(max_steps=3, checkpoint_every=1, seed=2), b, progress=False)
+    before = sorted(p.name for p in (b / "checkpoints").iterdir()), (b / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds another training run"):
+        train("d3po", cfg(max_steps=4, seed=1), b, resume=str(a / "checkpoints" / "step-000002"), progress=False)
+    assert (sorted(p.name for p in (b / "checkpoints").iterdir()), (b / "metrics.jsonl").read_text()) == before
+    # into a new directory it is a branch of run a
+    fork = train("d3po", cfg(max_steps=3, seed=1), tmp_path / "fork", resume=str(a / "checkpoints" / "step-000002"),
+                 progress=False)
+    assert [r["step"] for r in fork.metrics] == [3]
+
+
+def test_accumulation_and_precision_are_the_configs_not_accelerates_environment(tmp_path, monkeypatch):
+    from diffalign.align import trainer
+
+    made = []
+    real = trainer._accelerator
+    monkeypatch.setattr(trainer, "_accelerator", lambda **kw: made.append(real(**kw)) or made[-1])
+    plain = train("d3po", cfg(max_steps=1), tmp_path / "a", progress=False).metrics[0]
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # accelerate would divide each loss by 4
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    env = train("d3po", cfg(max_steps=1, mixed_precision="no"), tmp_path / "b", progress=False).metrics[0]
+    assert env["grad_norm"] == plain["grad_norm"] and made[-1].mixed_precision == "no"
+    train("d3po", cfg(max_steps=1), tmp_path / "c", progress=False)  # mixed_precision null: accelerate's setting
+    assert made[-1].mixed_precision == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    train("d3po", cfg(max_steps=1), tmp_path / "d", progress=False)  # not the earlier run's setting
+    assert made[-1].mixed_precision == "no"
+
+
+def test_the_returned_policy_predicts_what_the_saved_weights_do(tmp_path):
+    out = tmp_path / "run"
+    result = train("d3po", cfg(max_steps=2, lr=1e-2, mixed_precision="bf16"), out, progress=False)
+    saved = Policy(diffalign.load_pipeline(str(out)))
+    x = torch.randn(2, *saved.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = saved.encode(["3", "7"])
+    with torch.no_grad():  # float32 both, with no bf16 forward left behind by accelerate
+        torch.testing.assert_close(result.policy.predict(x, torch.tensor(500), cond),
+                                   saved.predict(x, torch.tensor(500), cond), rtol=1e-4, atol=1e-5)
+    assert result.policy.forward_unet is result.policy.unet
+
+
+def test_rewards_score_at_their_own_precision_inside_a_mixed_precision_step():
+    from diffalign.align.rewarding import score
+
+    w = torch.linspace(-1, 1, 3 * 8 * 8)
+
+    def linear(images, prompts, meta=None):  # a matmul, which bf16 autocast would run in bf16
+        return images.flatten(1) @ w, {}
+
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = score(linear, images, ["a"] * 4)
+    assert inside.dtype == torch.float32 and torch.equal(inside, score(linear, images, ["a"] * 4))
+
+
+def test_a_statistic_missing_in_one_chunk_is_averaged_over_the_others():
+    from accelerate import Accelerator
+
+    from diffalign.align.trainer import _backward
+
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    class TwoChunks:
+        def chunks(self, batch):
+            return [[0, 1, 2], [3]]
+
+        def loss(self, batch, chunk):  # accuracy is undefined (NaN) on the second chunk, e.g. all ties
+            return weight * len(chunk), {"implicit_acc": 1.0 if len(chunk) == 3 else float("nan")}
+
+    stats = _backward(Accelerator(cpu=True), torch.nn.Linear(1, 1), TwoChunks(), [{"stats": {}}])
+    assert stats["implicit_acc"] == 1.0 and stats["loss"] == pytest.approx(3 * 0.75 + 1 * 0.25)
 
 
 @pytest.mark.parametrize("full_finetune", [False, True])

@@ -46,8 +46,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    """accelerate's "no", "fp16" or "bf16"."""
+    mixed_precision: str | None = None
+    """accelerate's "no", "fp16" or "bf16"; None: accelerate's own setting (``accelerate launch --mixed_precision``
+    or its config file; "no" outside ``accelerate launch``)."""
     full_finetune: bool = False
     """Train every UNet weight; the reference is then a frozen copy instead of the adapter-disabled UNet."""
     reference: str = "adapter"
@@ -80,6 +81,14 @@ class TrainConfig:
             raise ValueError(f"ema_power must be > 0, got {self.ema_power}.")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1 (1: every step), got {self.log_every}.")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1 (1: no accumulation), got "
+                             f"{self.gradient_accumulation_steps}.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (the gradient-norm clip), got {self.max_grad_norm}.")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; use \"no\", \"fp16\", \"bf16\" or null "
+                             "(accelerate's own setting).")
         if self.device not in (None, "cpu"):
             raise ValueError(f"device={self.device!r}: training runs on the CPU (\"cpu\") or on accelerate's choice "
                              "of device (null, the default); pick a GPU with CUDA_VISIBLE_DEVICES, or several with "
@@ -365,10 +374,15 @@ def _assign(obj: Any, dotted: str, value: Any, source: str) -> None:
             raise ValueError(f"{source}: {dotted} must be {what}, got {value!r} (e.g. {dotted}='{example}').")
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"{source}: {dotted} must be true or false, got {value!r}.")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, (int, float)) and not isinstance(current, bool) and not isinstance(value, (int, float)):
+    numeric = isinstance(current, (int, float)) and not isinstance(current, bool) or kind.startswith(("int", "float"))
+    if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"{source}: {dotted} must be a number, got {value!r}.")
+    if kind.startswith("int"):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{source}: {dotted} must be a whole number, got {value!r}.")
+        value = int(value)
+    elif numeric and kind.startswith("float"):
+        value = float(value)
     setattr(obj, last, value)
 
 

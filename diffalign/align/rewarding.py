@@ -32,8 +32,10 @@ def build_reward(spec: str, model: str, kwargs: dict | None = None):
 
 
 def score(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Rewards [N, K] of the images, on the images' device; a non-finite reward is an error naming the reward."""
-    values, _ = reward(images, prompts)
+    """Rewards [N, K] of the images, on the images' device, scored outside any autocast (at the reward's own
+    precision, also during a mixed-precision step); a non-finite reward is an error naming the reward."""
+    with torch.autocast(images.device.type, enabled=False):
+        values, _ = reward(images, prompts)
     if not torch.isfinite(values).all():
         raise FloatingPointError(f"reward {getattr(reward, 'name', reward)!r} returned NaN/Inf for "
                                  f"{int((~torch.isfinite(values)).sum())} of {values.numel()} values; fix the reward.")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, config_yaml, save_config
@@ -37,6 +38,10 @@ from .methods import get_method
 from .policy import ALIGNMENT_FILE, EMA_FILE, LORA_WEIGHTS, Policy
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", ALIGNMENT_FILE, LORA_WEIGHTS)
+"""Files whose presence marks a directory as holding a run."""
+WRITTEN_FILES = (*RUN_FILES, "reward_curve.png", "diffalign")
+"""Everything a run writes (``diffalign``: its tensorboard logs; a full fine-tune's ``unet`` goes too when the
+directory's ``alignment.json`` says it wrote one)."""
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 SIGNATURE_DEFAULTS = {"ema_decay": 0.0}
@@ -152,6 +157,18 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], info: dict) -> 
     optimizer.load_state_dict({"state": dict(state), "param_groups": info["param_groups"]})
 
 
+def apply_settings(optimizer, lr_scheduler, lr: float, cfg: TrainConfig) -> None:
+    """Set the optimizer's hyperparameters and the schedule's base learning rate from ``cfg`` (after a resume,
+    whose loaded state carries the checkpoint's), keeping the moments and the schedule's position."""
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon,
+                     initial_lr=lr)
+    lr_scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 MAIN = "main"
 
 
@@ -224,7 +241,11 @@ def _prepare_output(out: Path, resume: str | None, overwrite: bool) -> Path | No
     if resume is not None and overwrite:
         raise ValueError("pass either --resume or --overwrite, not both.")
     if resume is not None:
-        return find_checkpoint(out, resume)
+        checkpoint = find_checkpoint(out, resume)
+        if holds_run and checkpoint.resolve().parent.parent != out.resolve():
+            raise FileExistsError(f"{out} holds another training run than the one {checkpoint} belongs to; resume "
+                                  f"into that run's own directory ({checkpoint.parent.parent}), or into a new --out.")
+        return checkpoint
     if holds_run and not overwrite:
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                               "replace it, or choose another --out.")
@@ -232,7 +253,12 @@ def _prepare_output(out: Path, resume: str | None, overwrite: bool) -> Path | No
 
 
 def _clear_output(out: Path) -> None:
-    for name in RUN_FILES:
+    """Remove what a run wrote in ``out`` (nothing else: ``out`` may hold other files)."""
+    names = list(WRITTEN_FILES)
+    info = out / ALIGNMENT_FILE
+    if info.is_file() and json.loads(info.read_text()).get("full_finetune"):
+        names.append("unet")
+    for name in names:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -272,14 +298,18 @@ def _backward(accelerator: Accelerator, unet, algo, batches: list[dict], phase: 
         chunks = algo.chunks(b)
         total = sum(len(c) for c in chunks)
         work += [(b, chunk, len(chunk) / total / len(batches)) for chunk in chunks]
-    stats: dict[str, float] = defaultdict(float)
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
     for j, (batch, chunk, weight) in enumerate(work):
         with accelerator.no_sync(unet) if j < len(work) - 1 else nullcontext():
             loss, chunk_stats = algo.loss(batch, chunk) if phase == MAIN else algo.loss(batch, chunk, phase)
             accelerator.backward(loss * weight)
         name = "loss" if main else f"{phase}_loss"
         for key, value in {name: float(loss.detach()), **chunk_stats}.items():
-            stats[key] += value * weight
+            valid = value == value  # a chunk without a value (NaN: e.g. accuracy over ties only) is left out
+            sums[key] += value * weight if valid else 0.0
+            weights[key] += weight if valid else 0.0
+    stats = defaultdict(float, {k: sums[k] / w if w > 0 else float("nan") for k, w in weights.items()})
     if outside and accelerator.num_processes > 1:
         for prm in outside:
             if prm.grad is not None:
@@ -308,12 +338,17 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     method_cls = get_method(method)
     if not isinstance(cfg, method_cls.config_class):
         raise TypeError(f"{method} needs a {method_cls.config_class.__name__}, got {type(cfg).__name__}.")
+    cfg.check()  # before accelerate sees any setting
     out = Path(out_dir)
     # without an accelerator, processes started by `accelerate launch` / torchrun are CPU (gloo) processes
     has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
     cpu = cfg.device == "cpu" or (cfg.device is None and not has_accelerator)
-    accelerator = _accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
-                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out))
+    # null: what `accelerate launch` set (resolved here, so that an earlier run's setting in this process is not kept)
+    precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    accelerator = _accelerator(mixed_precision=precision, cpu=cpu,
+                               log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out),
+                               # the trainer weights its accumulated losses itself: accelerate must not divide them
+                               gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
     checkpoint = _prepare_output(out, resume, overwrite)
     created = not out.exists()
 
@@ -322,9 +357,9 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     algo = method_cls(cfg, policy)  # validates rewards, labels and prompts before anything is written
     phases = tuple(getattr(algo, "phases", (MAIN,)))
     params = {ph: policy.trainable_parameters() if ph == MAIN else list(algo.phase_parameters(ph)) for ph in phases}
-    optimizers = {ph: torch.optim.AdamW(params[ph], lr=cfg.lr if ph == MAIN else algo.phase_lr(ph),
-                                        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                                        eps=cfg.adam_epsilon) for ph in phases}
+    lrs = {ph: cfg.lr if ph == MAIN else algo.phase_lr(ph) for ph in phases}
+    optimizers = {ph: torch.optim.AdamW(params[ph], lr=lrs[ph], betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                        weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon) for ph in phases}
     lr_schedulers = {ph: get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.lr_warmup_steps)
                      for ph, opt in optimizers.items()}
     ema = make_ema(cfg, params[MAIN])
@@ -332,6 +367,8 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     state = {"step": 0, "images_seen": 0, "wall_s": 0.0}
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, signature, accelerator, policy, optimizers, lr_schedulers, algo, ema)
+        for ph in phases:  # the resumed run's own learning rates, betas, weight decay and epsilon
+            apply_settings(optimizers[ph], lr_schedulers[ph], lrs[ph], cfg)
     if len(phases) == 1:  # DDP on the UNet: gradients averaged during the backward pass
         unet, *prepared = accelerator.prepare(policy.unet, *optimizers.values())
         in_unet = {id(prm) for prm in policy.unet.parameters()}
@@ -424,6 +461,9 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
         raise
     bar.close()
     accelerator.wait_for_everyone()
+    # the returned policy calls its own UNet, without DDP or accelerate's mixed-precision forward
+    policy.unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+    policy.forward_unet = policy.unet
     if ema is not None:  # the run's result is the average (every process alike)
         ema.copy_to(params[MAIN])
     if accelerator.is_main_process:
