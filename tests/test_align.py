@@ -707,6 +707,36 @@ def test_rewards_score_at_their_own_precision_inside_a_mixed_precision_step():
     assert inside.dtype == torch.float32 and torch.equal(inside, score(linear, images, ["a"] * 4))
 
 
+def test_the_fp16_loss_scale_is_checkpointed_and_a_skipped_update_holds_the_schedule(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from diffalign.align.trainer import load_checkpoint, run_signature, save_checkpoint
+
+    def accelerator(scale: float) -> SimpleNamespace:  # one process, with a GradScaler as accelerate's fp16 has
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=3)
+        return SimpleNamespace(is_main_process=True, process_index=0, wait_for_everyone=lambda: None, scaler=scaler)
+
+    c = cfg(max_steps=1)
+    policy = Policy(diffalign.load_pipeline("builtin:digits"), c.lora)
+    opt = torch.optim.AdamW(policy.trainable_parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    saving = accelerator(2.0**10)
+    saving.scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    saving.scaler._growth_tracker.fill_(2)
+    path = save_checkpoint(saving, tmp_path, policy, {"main": opt}, {"main": sched},
+                           {"step": 1, "images_seen": 4, "wall_s": 1.0, **run_signature("d3po", c)}, keep=1)
+    loading = accelerator(1.0)
+    load_checkpoint(path, run_signature("d3po", c), loading, policy, {"main": opt}, {"main": sched})
+    assert loading.scaler.get_scale() == 2.0**10 and loading.scaler.state_dict()["_growth_tracker"] == 2
+
+    # an update the scaler skips (an overflow) does not advance the learning-rate schedule
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: True))
+    rows = train("d3po", cfg(max_steps=2, lr=1e-2, lr_warmup_steps=4), tmp_path / "run", progress=False).metrics
+    assert [r["lr"] for r in rows] == [0.0, 0.0]  # still at the warm-up's start
+
+
 def test_a_statistic_missing_in_one_chunk_is_averaged_over_the_others():
     from accelerate import Accelerator
 

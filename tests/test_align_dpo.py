@@ -326,6 +326,28 @@ def test_on_policy_training_logs_reward_and_implicit_accuracy(tmp_path, name):
     assert len(metrics) == 2 and "reward_mean" in metrics[-1] and "implicit_acc" in metrics[-1]
 
 
+def test_on_policy_samples_from_a_stochastic_sampler_follow_the_run_seed_only(tmp_path):
+    """An ancestral sampler draws its noise from the step's seeded generator, not from the global RNG (so a resumed
+    run samples what the uninterrupted one did)."""
+    from diffalign.rewards import register_reward
+
+    def make(draws: int = 0):  # brightness, after using the global RNG as much as it is told to
+        def reward(images, prompts, meta=None):
+            torch.rand(draws)
+            return images.mean(dim=(1, 2, 3)), {}
+        return reward
+
+    register_reward("test_global_rng")(make)
+    runs = []
+    for name, draws in (("a", 1), ("b", 5)):
+        cfg = config_for("diffusion-dpo", overrides={
+            "model": "builtin:digits", "reward": "test_global_rng", "reward_kwargs": {"draws": draws},
+            "max_steps": 3, "prompts_per_step": 2, "sample_steps": 4,
+            "sampler": "diffusers:EulerAncestralDiscreteScheduler", "checkpoint_every": 0})
+        runs.append(train("diffusion-dpo", cfg, tmp_path / name, progress=False).metrics)
+    assert [r["reward_mean"] for r in runs[0]] == [r["reward_mean"] for r in runs[1]]
+
+
 def write_pairs(root: Path, size: int, channels: int = 3, n: int = 3, scores: bool = True,
                 prompts: tuple[str, str] = ("a red dog", "a photo of a cat")) -> Path:
     root.mkdir(parents=True, exist_ok=True)

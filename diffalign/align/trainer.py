@@ -200,6 +200,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, policy: Policy, optimiz
             save_file(tensors, str(tmp / f"{_opt_name(phase)}.safetensors"))
             extra[_opt_name(phase)] = info
             extra["lr_scheduler" if phase == MAIN else f"lr_scheduler_{phase}"] = lr_schedulers[phase].state_dict()
+        if accelerator.scaler is not None:  # fp16: the loss scale and its growth count
+            extra["scaler"] = accelerator.scaler.state_dict()
         (tmp / STATE_FILE).write_text(json.dumps({**state, **extra}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -229,6 +231,8 @@ def load_checkpoint(path: Path, signature: dict, accelerator: Accelerator, polic
     for phase, optimizer in optimizers.items():
         _load_optimizer(optimizer, load_file(str(path / f"{_opt_name(phase)}.safetensors")), state[_opt_name(phase)])
         lr_schedulers[phase].load_state_dict(state["lr_scheduler" if phase == MAIN else f"lr_scheduler_{phase}"])
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
     rng = path / f"rng_{accelerator.process_index}.safetensors"
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch"])
@@ -424,10 +428,11 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
                 norm = float(accelerator.clip_grad_norm_(params[ph], cfg.max_grad_norm))
                 stats["grad_norm" if main else f"{ph}_grad_norm"] = norm
                 optimizers[ph].step()
-                lr_schedulers[ph].step()
+                if not getattr(optimizers[ph], "step_was_skipped", False):  # fp16: an overflow skips the update
+                    lr_schedulers[ph].step()
+                    if ema is not None and ph == MAIN:
+                        ema.step(params[MAIN])
                 optimizers[ph].zero_grad(set_to_none=True)
-                if ema is not None and ph == MAIN:
-                    ema.step(params[MAIN])
             lr_scheduler = lr_schedulers[phases[-1]]
             images_seen += algo.images_per_batch * len(batches) * accelerator.num_processes
             record = {"step": step, "wall_s": round(time.perf_counter() - t0, 3), "images_seen": images_seen,

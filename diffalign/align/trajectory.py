@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from inspect import signature
 
 import torch
 
@@ -131,7 +132,9 @@ def generate(policy: Policy, prompts: Sequence[str], x_T: torch.Tensor, sampler:
         sched.set_timesteps(steps, device=policy.device)
         x = x_T[start:start + batch_size].to(device=policy.device, dtype=policy.dtype) * sched.init_noise_sigma
         c = cond[start:start + batch_size]
-        kwargs = {"generator": generator} if generator is not None and getattr(sched.config, "eta", 0) else {}
+        # stochastic samplers (DDIM with eta > 0, diffusers' ancestral ones) draw their noise from ``generator``
+        kwargs = {"generator": generator} if generator is not None and "generator" in signature(sched.step).parameters \
+            else {}
         for t in sched.timesteps:
             out = policy.predict(sched.scale_model_input(x, t), t, c, guidance)
             x = sched.step(out, t, x, **kwargs).prev_sample

@@ -91,7 +91,8 @@ class PreferenceMethod:
         prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (p,), generator=generator)]
         flat_prompts = [q for q in prompts for _ in range(self.k)]
         x_T = torch.randn((p * self.k, *self.policy.latent_shape), generator=generator)
-        images = generate(self.policy, flat_prompts, x_T, self.cfg.sampler, self.cfg.sample_steps, self.cfg.guidance)
+        images = generate(self.policy, flat_prompts, x_T, self.cfg.sampler, self.cfg.sample_steps, self.cfg.guidance,
+                          generator=generator)
         values = score(self.reward, images, flat_prompts)
         if values.shape[1] != 1:
             raise ValueError(f"{self.name} ranks by a scalar reward; name one reward.")
