@@ -220,8 +220,12 @@ def _eval_fid(args) -> None:
         fid.load_reference(stats)
         fid.add(load_image_folder(args.images, args.num_images))
         result = {"fid": fid.compute(), "images": args.images}
-    elif base != args.model:  # an aligned model or a distilled student, sampled on evaluate's fixed set
+    elif base != args.model or args.eval_set:  # an aligned model (or --eval-set), sampled on evaluate's fixed set
         from .align.evaluate import eval_images
+
+        if args.teleport or args.default_grid:
+            raise ValueError("--eval-set (and a `diffalign train` output) samples the pipeline with its own grid; "
+                             "drop --teleport / --default-grid.")
 
         fid = FID(features, device=args.device)
         fid.load_reference(stats)
@@ -229,7 +233,7 @@ def _eval_fid(args) -> None:
                                 device=args.device, batch_size=args.batch_size)
         fid.add(images)
         result = {"fid": fid.compute(), "model": args.model, "sampler": args.sampler, "steps": args.steps,
-                  "num_images": args.num_images, "guidance": args.guidance, "seed": args.seed}
+                  "num_images": args.num_images, "guidance": args.guidance, "seed": args.seed, "eval_set": True}
     else:
         named = load_model(args.model, device=args.device)
         result = fid_of_model(named, args.sampler, args.steps, args.num_images, features, stats, args.guidance,
@@ -494,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use the model's default time steps even where searched ones are shipped")
     ef.add_argument("--teleport", nargs="?", const="shipped", default=None, metavar="FILE",
                     help="sample with the Gaussian teleport (as `diffalign sample --teleport`)")
+    ef.add_argument("--eval-set", action="store_true",
+                    help="sample a base model as a `diffalign train` output is sampled (the fixed (prompt, seed) set "
+                         "of `eval reward`, the pipeline's own grid): FID before and after training, comparable")
     ef.add_argument("--json", default=None)
     ef.set_defaults(func=_eval_fid)
     er = evsub.add_parser("reward", help="mean reward of a model on a fixed (prompt, seed) set")

@@ -111,6 +111,19 @@ def test_soft_label_dpo_is_the_bradley_terry_cross_entropy_with_a_finite_optimum
             assert (torch.sign(-g) == sign).all()
 
 
+def test_rankdpo_tied_labels_share_their_rank_and_their_weight():
+    from diffalign.align.losses import rank_dpo_weights, ranks_of
+
+    phi = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.5]])
+    assert ranks_of(phi, descending=True, share_ties=True).tolist() == [[1.5, 1.5, 3.0], [1.0, 3.0, 2.0]]
+    w = rank_dpo_weights(phi, ranks_of(phi, descending=True, share_ties=True))
+    assert w[0, 0, 2] == pytest.approx(float(w[0, 1, 2])) and w[0, 0, 1] == 0  # equal labels, equal weights
+    s = torch.tensor([[0.3, -0.1, 0.2], [0.0, 0.0, 0.0]])
+    # predicted ranks break ties by position: at LoRA initialisation every s is 0 and the pairs still get weights
+    assert ranks_of(s, descending=False).tolist() == [[3, 1, 2], [1, 2, 3]]
+    assert rank_dpo_loss(s.requires_grad_(), phi).sum().grad_fn is not None
+
+
 def test_diffusion_dpo_soft_labels_come_from_the_target_rewards_scores(ranked, tmp_path):
     algo, batch = method_with_batch("diffusion-dpo", ranked, label_temperature=0.05)
     rows = algo.chunks(batch)[0]
@@ -121,6 +134,13 @@ def test_diffusion_dpo_soft_labels_come_from_the_target_rewards_scores(ranked, t
     p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / 0.05)
     assert (p >= 0.5).all() and stats["label_p"] == pytest.approx(float(p.mean()), rel=1e-5)
     assert loss.item() == pytest.approx(float(soft_dpo_loss(s[:, 0], s[:, 1], p).mean()), rel=1e-5)
+    tied = {**batch, "scores": batch["scores"].clone()}  # an exact tie (as on-policy) trains nothing
+    tied["scores"][rows[0], 1] = tied["scores"][rows[0], 0]
+    with torch.no_grad():
+        loss_tied, _ = algo.loss(tied, rows)
+    keep = scores[:, 0] > scores[:, 1]
+    keep[0] = False
+    assert loss_tied.item() == pytest.approx(float(soft_dpo_loss(s[keep, 0], s[keep, 1], p[keep]).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="label_temperature must be > 0"):
         config_for("diffusion-dpo", overrides={"data": str(ranked), "label_temperature": 0.0}).check()
     unscored = write_pairs(tmp_path / "data", 8, channels=1, prompts=("3", "7"), scores=False)
@@ -458,6 +478,24 @@ def test_pickapic_style_dataset_loads_and_trains(tmp_path):
     with pytest.raises(ValueError, match="lacks the Pick-a-Pic columns caption"):
         load_preferences(ds.rename_column("caption", "text"))
     assert len(load_preferences(ds.rename_column("caption", "text"), columns={"caption": "text"})) == 4
+    ds.rename_column("caption", "text").save_to_disk(str(tmp_path / "renamed"))  # a saved one takes both options
+    assert len(load_preferences(tmp_path / "renamed", columns={"caption": "text"}, drop_ties=True)) == 3
+
+
+def test_16_bit_images_load_scaled_and_soft_labels_outside_0_1_are_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(root / "grey16.png")  # mid grey, 16 bit
+    Image.new("L", (8, 8), 255).save(root / "white.png")
+    (root / "pairs.jsonl").write_text('{"prompt": "3", "images": ["grey16.png", "white.png"], "preferred": 0}\n')
+    images = load_preferences(root).images([0], (8, 8), 1)
+    assert images[0, 0].flatten().unique().tolist() == pytest.approx([128 / 255]) and images[0, 1].min() == 1.0
+    (root / "pairs.jsonl").write_text('{"prompt": "3", "images": ["grey16.png", "white.png"], "phi": [1.5, 0]}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1.*numbers in \[0, 1\]"):
+        load_preferences(root)
 
 
 def test_synth_resumes_to_the_same_dataset(tmp_path):

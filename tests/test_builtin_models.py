@@ -162,6 +162,21 @@ def test_classifier_fid_separates_real_from_noise():
     noise = fid_metric("digits")
     noise.add(torch.rand(300, 1, 8, 8))
     assert float(real.compute()) * 10 < float(noise.compute())
+    rgb = fid_metric("digits")  # colour images are converted to grey, as for every classifier-feature FID
+    rgb.add(((x[:300] + 1) / 2).repeat(1, 3, 1, 1))
+    assert float(rgb.compute()) == pytest.approx(float(real.compute()), rel=1e-6)
+
+
+def test_classifier_rewards_take_any_float_dtype():
+    from diffalign.rewards import get_reward
+
+    images = (load_builtin_data("digits", "test")[0][:8] + 1) / 2
+    prompts = ["zero"] * 8
+    for name in ("prompt_following", "classifier_confidence", "realism"):
+        reward = get_reward(name, model="builtin:digits")
+        expected = reward(images, prompts)[0]
+        for dtype in (torch.float64, torch.bfloat16):
+            torch.testing.assert_close(reward(images.to(dtype), prompts)[0].float(), expected, rtol=0.05, atol=0.02)
 
 
 def test_fashion_guided_samples_are_classified_as_prompted():

@@ -50,6 +50,18 @@ def test_eval_fid_of_a_builtin_model_and_of_an_image_folder(tmp_path, capsys):
     assert abs(json.loads(same.read_text())["fid"]) < 1e-4  # against its own statistics (sqrtm of a rank-6 cov)
 
 
+def test_eval_fid_on_the_evaluation_set_is_what_an_aligned_model_gets(tmp_path):
+    from diffalign.align.evaluate import evaluate_fid
+
+    out = tmp_path / "fid.json"
+    assert main(["eval", "fid", "--model", "builtin:digits", "--steps", "5", "--num-images", "30", "--eval-set",
+                 "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_set"] is True
+    assert result["fid"] == pytest.approx(evaluate_fid("builtin:digits", 30, steps=5), rel=1e-9)
+    assert main(["eval", "fid", "--model", "builtin:digits", "--eval-set", "--teleport", "--quiet"]) == 2
+
+
 def test_models_list_and_clear_errors(capsys):
     assert main(["models", "list"]) == 0
     assert "builtin:fashion" in capsys.readouterr().out

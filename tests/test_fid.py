@@ -72,6 +72,54 @@ def test_kid_small_sample(digits, features):
     same, _ = kid(features, digits[:300], digits[300:600], subsets=20)
     diff, _ = kid(features, digits[:300], 1 - digits[300:600], subsets=20)
     assert abs(same) < diff
+    # reproducible (its subsets are drawn with `seed`), subsets of half the smaller set by default, which vary
+    assert kid(features, digits[:40], digits[40:80], subsets=20) == kid(features, digits[:40], digits[40:80],
+                                                                        subsets=20)
+    assert kid(features, digits[:40], digits[40:80], subsets=20)[1] > 0
+    with pytest.raises(ValueError, match="at least 4"):
+        kid(features, digits[:3], digits[3:6])
+
+
+def test_inception_network_moves_with_the_metric(monkeypatch):
+    import torchmetrics.image.fid as tm_fid
+
+    from diffalign.eval.fid import inception_features
+
+    class StandIn(torch.nn.Module):  # the real network needs torch-fidelity and downloaded weights
+        def __init__(self, name, features_list):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 2048)
+
+        def forward(self, x):
+            return self.proj(x.float().mean(dim=(2, 3)))
+
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", StandIn)
+    feats = inception_features()
+    assert sum(p.numel() for p in feats.parameters()) == 3 * 2048 + 2048  # registered: .to(device) reaches it
+    assert FID(feats, device="meta").features.fn.net.proj.weight.device.type == "meta"
+
+
+def test_fid_of_model_gives_every_image_its_own_noise_past_1000_per_class(monkeypatch, tmp_path):
+    import diffalign.sampling
+    from diffalign.eval.fid import fid_of_model
+    from diffalign.models.registry import load_model
+
+    seeds = []
+
+    def fake_sample_images(model, sampler, steps, n, label, guidance, seed, **kwargs):
+        seeds.extend(range(seed, seed + n))
+        return torch.rand(n, 1, 8, 8)
+
+    monkeypatch.setattr(diffalign.sampling, "sample_images", fake_sample_images)
+    named = load_model("builtin:digits")
+    feats = Features(torch.nn.Flatten(), 64)
+    stats = tmp_path / "stats.safetensors"
+    save_stats(feature_stats(feats, [torch.rand(100, 1, 8, 8)]), stats)
+    fid_of_model(named, "ddim", 2, 10 * 1001, feats, stats, batch_size=4096, progress=False)
+    assert len(seeds) == 10 * 1001 and len(set(seeds)) == len(seeds)
+    seeds.clear()  # up to 1,000 per class the seeds are what they always were (recorded FIDs stay reproducible)
+    fid_of_model(named, "ddim", 2, 20, feats, stats, progress=False)
+    assert seeds == [s for k in range(10) for s in (1000 * k, 1000 * k + 1)]
 
 
 def _distributed_worker(rank, world, init_file, real, fake, stats, result_file):

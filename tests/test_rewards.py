@@ -82,15 +82,25 @@ def test_reward_registered_through_an_entry_point_is_found_by_name(tmp_path, mon
         import torch
         def make(offset=0.0):
             return lambda images, prompts, metadata: (images.mean(dim=(1, 2, 3)) + offset, {})
+        make.differentiable = True
+        def dark():
+            return lambda images, prompts, metadata: (-images.mean(dim=(1, 2, 3)), {})
     """))
     dist = tmp_path / "thirdparty_reward-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-reward\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[diffalign.rewards]\nmean_plus = thirdparty_reward:make\n")
+    (dist / "entry_points.txt").write_text("[diffalign.rewards]\nmean_plus = thirdparty_reward:make\n"
+                                           "brightness = thirdparty_reward:dark\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert "mean_plus" in available_rewards()
-    scores, _ = get_reward("mean_plus", offset=1.0)(torch.full((2, 1, 4, 4), 0.25), ["", ""])
-    torch.testing.assert_close(scores, torch.tensor([1.25, 1.25]))
+    with pytest.warns(UserWarning, match="'thirdparty_reward:dark'.*'brightness', which is a built-in; it is ignored"):
+        assert "mean_plus" in available_rewards()
+    images = torch.full((2, 1, 4, 4), 0.25, requires_grad=True)
+    with pytest.warns(UserWarning, match="ignored"):
+        scores, _ = get_reward("mean_plus", differentiable=True, offset=1.0)(images, ["", ""])
+        assert get_reward("brightness")(images, ["", ""])[0].mean() > 0  # the built-in, not the entry point
+    torch.testing.assert_close(scores.detach(), torch.tensor([1.25, 1.25]))
+    scores.sum().backward()  # the factory's `differentiable` attribute is honoured
+    assert images.grad is not None
     sys.modules.pop("thirdparty_reward", None)
 
 

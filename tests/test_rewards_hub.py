@@ -326,6 +326,14 @@ def test_imagereward_glue_with_a_stand_in_package(monkeypatch, offline_hub):
     with pytest.raises(RewardUnavailableError) as info:
         get_reward("imagereward")
     _assert_clear(info.value, *FIX, "THUDM/ImageReward", "download_root=")
+    # no network but not marked offline: the package's model name is not looked up in the hub cache
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("diffalign.rewards.hub.hub_reachable", lambda *a, **k: False)
+    scores, _ = get_reward("imagereward", download_root="/models/imagereward")(_images(2, (16, 24)), ["a", "abc"])
+    assert scores.tolist() == pytest.approx([1.24, 3.24])
 
 
 def test_heavy_dependencies_are_imported_only_when_a_hub_reward_is_built():

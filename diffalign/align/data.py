@@ -130,6 +130,11 @@ class PreferenceData:
 def _to_tensor(image, size: tuple[int, int], channels: int, resize: bool, where: str) -> torch.Tensor:
     from PIL import Image, ImageOps
 
+    if image.mode.startswith("I;16"):  # 16-bit PNG: Pillow's convert would clip it, not scale it, to 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        raise ValueError(f"{where}: an image is {image.mode!r} (32-bit) data, whose range is unknown; save it as an "
+                         "8- or 16-bit PNG.")
     image = image.convert("L" if channels == 1 else "RGB")
     h, w = size
     if image.size != (w, h):
@@ -173,8 +178,10 @@ def _parse_line(line: str, where: str, root: Path, expect_k: int | None) -> dict
         phi = [0.5, 0.5] if pref is None else [1.0 - pref, float(pref)]
     elif "phi" in entry:
         phi = entry["phi"]
-        if not isinstance(phi, list) or len(phi) != k or not all(isinstance(v, (int, float)) for v in phi):
-            raise ValueError(f"{where}: \"phi\" must be a list of {k} numbers (one soft label per image).")
+        if (not isinstance(phi, list) or len(phi) != k
+                or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in phi)):
+            raise ValueError(f"{where}: \"phi\" must be a list of {k} numbers in [0, 1] (one soft label per image), "
+                             f"got {phi!r}.")
     elif scores:
         phi = phi_from_scores({n: torch.tensor([v], dtype=torch.float64) for n, v in scores.items()})[0].tolist()
     else:
@@ -187,8 +194,10 @@ def _parse_line(line: str, where: str, root: Path, expect_k: int | None) -> dict
             "scores": {n: [float(v) for v in s] for n, s in scores.items()}}
 
 
-def load_directory(path: str | Path) -> PreferenceData:
-    """A dataset directory (``pairs.jsonl`` or ``rankings.jsonl`` + images), validated line by line."""
+def load_directory(path: str | Path, columns: dict[str, str] | None = None, drop_ties: bool = False
+                   ) -> PreferenceData:
+    """A dataset directory (``pairs.jsonl`` or ``rankings.jsonl`` + images), validated line by line, or a dataset
+    saved with ``datasets``' ``save_to_disk`` (``columns`` and ``drop_ties`` as in :func:`from_pickapic`)."""
     from PIL import Image
 
     root = Path(path)
@@ -200,7 +209,7 @@ def load_directory(path: str | Path) -> PreferenceData:
         except ImportError:
             raise ImportError(f"{root} is a saved Hugging Face dataset; reading it needs the `datasets` package "
                               "(pip install 'diffalign[datasets]').") from None
-        return from_pickapic(datasets.load_from_disk(str(root)), source=str(root))
+        return from_pickapic(datasets.load_from_disk(str(root)), columns, drop_ties, source=str(root))
     if (root / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one saved dataset per split
         splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
         raise ValueError(f"{root} is a saved Hugging Face DatasetDict (splits: {', '.join(splits) or 'none'}); give "
@@ -292,7 +301,7 @@ def load_preferences(data, columns: dict[str, str] | None = None, drop_ties: boo
     if isinstance(data, PreferenceData):
         return data
     if isinstance(data, (str, Path)):
-        return load_directory(data)
+        return load_directory(data, columns, drop_ties)
     if hasattr(data, "column_names"):
         return from_pickapic(data, columns, drop_ties)
     raise TypeError(f"cannot read preferences from {type(data).__name__}; pass a dataset directory or a "

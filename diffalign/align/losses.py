@@ -106,8 +106,13 @@ def rank_dpo_weights(phi: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     return (g[:, :, None] - g[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()
 
 
-def ranks_of(values: torch.Tensor, descending: bool) -> torch.Tensor:
-    """1-based ranks along the last dimension (1 = first in the given order; ties broken by position)."""
+def ranks_of(values: torch.Tensor, descending: bool, share_ties: bool = False) -> torch.Tensor:
+    """1-based ranks along the last dimension (1 = first in the given order). Ties are broken by position, or with
+    ``share_ties`` share their mean rank (equal labels, equal weights)."""
+    if share_ties:
+        v, other = values[..., :, None], values[..., None, :]
+        before = ((other > v) if descending else (other < v)).sum(-1)
+        return before.to(torch.float64) + ((other == v).sum(-1).to(torch.float64) + 1) / 2
     order = torch.sort(values, dim=-1, descending=descending, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, device=values.device).expand_as(order))
@@ -137,7 +142,10 @@ def rank_dpo_loss(s: torch.Tensor, phi: torch.Tensor, beta: float = 5000.0, rank
     if weights is None:
         if ranking not in ("predicted", "label"):
             raise ValueError(f"ranking must be 'predicted' or 'label', got {ranking!r}.")
-        ranks = ranks_of(s.detach(), descending=False) if ranking == "predicted" else ranks_of(phi, descending=True)
+        # predicted ranks break ties by position: at initialisation every s is 0, and shared ranks would give every
+        # pair weight 0 for good; tied labels share their rank
+        ranks = (ranks_of(s.detach(), descending=False) if ranking == "predicted"
+                 else ranks_of(phi, descending=True, share_ties=True))
         weights = rank_dpo_weights(phi.to(s.dtype), ranks)
     better = (phi[:, :, None] > phi[:, None, :]).to(s.dtype)  # i preferred over j
     pair = -F.logsigmoid(dpo_logits(s[:, :, None], s[:, None, :], beta))

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .data import RANKINGS_FILE, SYNTH_FILE, phi_from_scores, ranking_line
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    """Write ``text`` to a temporary file and rename it over ``file``: an interruption leaves the old or the new."""
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
 
 
 def _resume_point(file: Path, batch: int) -> int:
@@ -25,7 +33,7 @@ def _resume_point(file: Path, batch: int) -> int:
         return 0
     lines = [line for line in file.read_text().split("\n")[:-1]]  # the text after the last newline is partial
     keep = len(lines) // batch * batch
-    file.write_text("".join(line + "\n" for line in lines[:keep]))
+    _write_atomic(file, "".join(line + "\n" for line in lines[:keep]))
     return keep
 
 
@@ -74,7 +82,8 @@ def synthesize(out: str | Path, models: Sequence[str], rewards: Sequence[str], p
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
-    meta_file.write_text(json.dumps(settings, indent=1))
+    if not meta_file.is_file():
+        _write_atomic(meta_file, json.dumps(settings, indent=1))
     done = _resume_point(rows_file, batch_prompts)
 
     bar = tqdm(total=num_prompts, initial=done, desc="synth", unit="prompt", disable=not progress)

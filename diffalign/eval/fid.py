@@ -46,9 +46,13 @@ def inception_features() -> Features:
         ) from err
 
     class _Inception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net  # a submodule, so that FID(..., device=) moves it with the metric
+
         def forward(self, images):
             x = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
-            return net((x * 255).round().to(torch.uint8))
+            return self.net((x * 255).round().to(torch.uint8))
 
     return Features(_Inception(), 2048)
 
@@ -103,14 +107,21 @@ class FID:
 
 
 def kid(features: Features, real: torch.Tensor, fake: torch.Tensor, subset_size: int | None = None,
-        subsets: int = 100) -> tuple[float, float]:
-    """Kernel Inception Distance (unbiased, better than FID for small N): (mean, std) over subsets."""
+        subsets: int = 100, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (unbiased, better than FID for small N): (mean, std) over ``subsets`` random
+    subsets (drawn with ``seed``) of ``subset_size`` images of each set; default 1,000, or half the smaller set
+    when that has fewer than 2,000 images (so that the subsets differ and the std means something)."""
     real, fake = check_images(real), check_images(fake)
-    size = subset_size or min(len(real), len(fake), 1000)
+    smaller = min(len(real), len(fake))
+    if smaller < 4:
+        raise ValueError(f"KID needs at least 4 real and 4 generated images, got {len(real)} and {len(fake)}.")
+    size = subset_size or min(1000, smaller // 2)
     metric = KernelInceptionDistance(feature=features, normalize=True, subset_size=size, subsets=subsets)
     metric.update(real, real=True)
     metric.update(fake, real=False)
-    mean, std = metric.compute()
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global RNG
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
     return float(mean), float(std)
 
 
@@ -154,12 +165,13 @@ def frechet_distance_scipy(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def classifier_features(model: str) -> Features:
-    """Penultimate features of a built-in model's shipped classifier (images resized and converted to grey)."""
+def classifier_features(model: str, directory: str | Path | None = None) -> Features:
+    """Penultimate features of a built-in model's shipped classifier (images resized and converted to grey;
+    ``directory``: other weights than the package's)."""
     from ..models.builtin import ClassifierFeatures, builtin_spec, classifier_input, load_builtin_classifier
 
     size = builtin_spec(model).image_size
-    inner = ClassifierFeatures(load_builtin_classifier(model))
+    inner = ClassifierFeatures(load_builtin_classifier(model, directory))
 
     class _Resized(torch.nn.Module):
         def __init__(self):
@@ -167,7 +179,7 @@ def classifier_features(model: str) -> Features:
             self.inner = inner
 
         def forward(self, images):
-            return inner(classifier_input(images, size))
+            return self.inner(classifier_input(images, size))
 
     return Features(_Resized(), inner.num_features)
 
@@ -214,11 +226,12 @@ def fid_of_model(named_model, sampler: str, steps: int, num_images: int, feature
 
     t0 = time.perf_counter()
     bar = tqdm(total=num_images, desc="FID samples", unit="img", disable=not progress)  # on stderr
+    stride = max(1000, int((labels == 0).sum()))  # class k's image j has seed + stride k + j: no seed twice
     for k in range(classes):
         n_k = int((labels == k).sum())
         for start in range(0, n_k, batch_size):
             n = min(batch_size, n_k - start)
-            fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + 1000 * k + start,
+            fid.add(sample_images(named_model, sampler, steps, n, k, guidance, seed + stride * k + start,
                                   device=device, progress=False, searched=searched, teleport=teleport))
             bar.update(n)
     bar.close()

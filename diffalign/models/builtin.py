@@ -385,21 +385,20 @@ def load_fid_stats(name: str, directory: str | Path | None = None) -> dict[str, 
 
 
 def classifier_input(images: Tensor, image_size: int) -> Tensor:
-    """Images in [0, 1] as the shipped (greyscale) classifiers expect them: channel mean, bilinear resize."""
-    x = images.mean(1, keepdim=True) if images.shape[1] == 3 else images
+    """Images in [0, 1] as the shipped (greyscale) classifiers expect them: float32, channel mean, bilinear resize."""
+    x = images.float()
+    x = x.mean(1, keepdim=True) if x.shape[1] == 3 else x
     if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return x
 
 
 def fid_metric(name: str, directory: str | Path | None = None, device: str | torch.device = "cpu"):
     """A :class:`diffalign.eval.fid.FID` on the shipped classifier's features whose reference is the stored
     held-out statistics; ``add(fake_images_in_[0,1])`` then ``compute()``."""
-    from ..eval.fid import FID, Features
+    from ..eval.fid import FID, classifier_features
 
-    classifier = load_builtin_classifier(name, directory)
-    fid = FID(Features(ClassifierFeatures(classifier), classifier.num_features), device=device)
+    fid = FID(classifier_features(name, directory), device=device)  # RGB or other sizes converted as for FID
     stats = load_fid_stats(name, directory)
     fid.set_reference_stats(stats["mu"], stats["sigma"], int(stats["num_samples"].item()))
     return fid

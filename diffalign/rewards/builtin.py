@@ -46,7 +46,8 @@ def jpeg_incompressibility(quality: int = 95):
 
 @register_reward("brightness", differentiable=True)
 def brightness():
-    """Mean luma in [0, 1] (D3PO's ``light_reward``)."""
+    """Mean luma (BT.601) in [0, 1]. D3PO's ``light_reward`` is the plain mean over channels: the same on greyscale
+    images, and another ranking of coloured ones (green is brighter than magenta in luma, darker in the mean)."""
     return lambda images, prompts, metadata: (_luma(images).mean(dim=(1, 2)), {})
 
 

@@ -126,17 +126,18 @@ def _in_hub_cache(repo: str) -> bool:
 
 
 def _load(reward: str, name: str, loader: Callable[[str], Any], weights: Sequence[Weight],
-          local_hint: str | None) -> Any:
+          local_hint: str | None, hub_id: bool = True) -> Any:
     """``loader(name)`` where ``name`` is a local path or a hub id; missing files become RewardUnavailableError.
 
     A hub id that is not in the local cache fails at once when the hub does not answer (instead of after the hub
-    client's retries)."""
+    client's retries). ``hub_id=False``: ``name`` is the package's own model name, whose files the loader finds
+    itself (no hub-cache check)."""
     name = str(name)
     path = os.path.expanduser(name)
     _, offline = _hub_state()
     if not os.path.exists(path) and _looks_like_path(name):
         error = unavailable(reward, f"the local path {name!r} does not exist", weights, local_hint)
-    elif not os.path.exists(path) and not offline and not _in_hub_cache(name) and not hub_reachable():
+    elif hub_id and not os.path.exists(path) and not offline and not _in_hub_cache(name) and not hub_reachable():
         error = unavailable(reward, f"{name!r} is not in the Hugging Face cache and the hub cannot be reached "
                             "(no network)", weights, local_hint)
     else:
@@ -498,7 +499,8 @@ def imagereward(model_name_or_path: str = "ImageReward-v1.0", download_root: str
     module = _import("imagereward", "ImageReward", "image-reward", weights, hint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = _load("imagereward", model_name_or_path,
-                  lambda name: module.load(name, device=device, download_root=download_root), weights, hint)
+                  lambda name: module.load(name, device=device, download_root=download_root), weights, hint,
+                  hub_id=False)  # "ImageReward-v1.0" is the package's name, its files are in download_root
 
     def fn(images, prompts, metadata):
         pil = _to_pil(images)

@@ -4,10 +4,14 @@ A package adds a reward without touching diffalign by declaring, in its pyprojec
 
     [project.entry-points."diffalign.rewards"]
     my_reward = "my_pkg.rewards:make_my_reward"   # a factory: make_my_reward(**kwargs) -> reward function
+
+A factory with ``differentiable = True`` as an attribute supports ``get_reward(..., differentiable=True)``. An
+entry point cannot replace a built-in: one with a built-in's name is ignored, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -28,7 +32,12 @@ def register_reward(name: str, differentiable: bool = False):
 
 
 def _entry_point_factories() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Installed entry points by name, without those that would shadow a built-in (warned about)."""
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in sorted(set(found) & set(_FACTORIES)):
+        warnings.warn(f"the entry point {found.pop(name).value!r} registers a reward named {name!r}, which is a "
+                      "built-in; it is ignored (give it another name).", stacklevel=3)
+    return found
 
 
 def available_rewards() -> list[str]:
@@ -46,7 +55,8 @@ def get_reward(name: str, differentiable: bool = False, **kwargs) -> Reward:
         eps = _entry_point_factories()
         if name not in eps:
             raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}.")
-        factory, supports_grad = eps[name].load(), bool(getattr(eps[name], "differentiable", False))
+        factory = eps[name].load()
+        supports_grad = bool(getattr(factory, "differentiable", False))
     if differentiable and not supports_grad:
         raise ValueError(f"reward {name!r} is not differentiable; use differentiable=False.")
     fn = factory(**kwargs)

@@ -49,7 +49,8 @@ class DiffusionDPO(PreferenceMethod):
             scores = batch["scores"][rows]
             decided = scores[:, 0] > scores[:, 1]
             p = torch.sigmoid((scores[:, 0] - scores[:, 1]) / self.cfg.label_temperature).to(s.dtype)
-            loss = soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta).mean()  # every pair, near-ties toward h = 0
+            # every decided pair (near-ties pulled toward h = 0); an exact tie (on-policy) trains nothing
+            loss = masked_mean(soft_dpo_loss(s[:, 0], s[:, 1], p, self.cfg.beta), decided)
             stats["label_p"] = float(p.mean())
         else:
             decided = batch["phi"][rows, 0] > batch["phi"][rows, 1]
