@@ -348,58 +348,33 @@ def test_two_processes_finish_with_identical_weights(tmp_path):
 
 
 # ---------------------------------------------------------------------- Stable Diffusion
-def test_tiny_stable_diffusion_trains_and_its_lora_loads_in_diffusers(tmp_path):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_tiny_stable_diffusion_trains_and_its_lora_loads_in_diffusers(tmp_path, kind):
+    from diffusers import DiffusionPipeline
 
-    from diffalign.models.tiny_sd import tiny_stable_diffusion_pipeline
+    from diffalign.models.tiny_sd import tiny_sdxl_pipeline, tiny_stable_diffusion_pipeline
 
-    tiny_stable_diffusion_pipeline(seed=0, sample_size=8).save_pretrained(tmp_path / "sd")
+    build = {"sd": lambda: tiny_stable_diffusion_pipeline(seed=0, sample_size=8), "sdxl": tiny_sdxl_pipeline}[kind]
+    build().save_pretrained(tmp_path / "sd")
     config = config_for("d3po", overrides={"model": str(tmp_path / "sd"), "reward": "brightness",
                                            "prompts": ["a photo of a cat", "a red dog"], "num_steps": 4,
                                            "pairs_per_step": 2, "max_steps": 2, "lr": 1e-2, "guidance": 5.0,
                                            "checkpoint_every": 0})
     result = train("d3po", config, tmp_path / "run", progress=False)
-    assert result.policy.is_text and len(result.metrics) == 2
+    assert result.policy.kind == kind and len(result.metrics) == 2
 
     def sample(pipe):
         return pipe(prompt="a photo of a cat", num_inference_steps=3, guidance_scale=5.0, output_type="pt",
                     generator=torch.Generator().manual_seed(0)).images
 
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "sd")  # StableDiffusion(XL)Pipeline
     before = sample(pipe)
     pipe.load_lora_weights(tmp_path / "run")
     after = sample(pipe)
     assert not torch.allclose(before, after, atol=1e-6)
     ours = diffalign.load_pipeline(str(tmp_path / "run"))
     ours.scheduler = pipe.scheduler
-    assert torch.allclose(sample(ours), after, atol=1e-4)
-
-
-def test_tiny_sdxl_trains_and_its_lora_loads_in_diffusers(tmp_path):
-    from diffusers import StableDiffusionXLPipeline
-
-    from diffalign.models.tiny_sd import tiny_sdxl_pipeline
-
-    tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
-    config = config_for("d3po", overrides={"model": str(tmp_path / "sdxl"), "reward": "brightness",
-                                           "prompts": ["a photo of a cat", "a red dog"], "num_steps": 4,
-                                           "pairs_per_step": 2, "max_steps": 2, "lr": 1e-2, "guidance": 5.0,
-                                           "checkpoint_every": 0})
-    result = train("d3po", config, tmp_path / "run", progress=False)
-    assert result.policy.kind == "sdxl" and len(result.metrics) == 2
-
-    def sample(pipe):
-        return pipe(prompt="a photo of a cat", num_inference_steps=3, guidance_scale=5.0, output_type="pt",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
-    before = sample(pipe)
-    pipe.load_lora_weights(tmp_path / "run")
-    after = sample(pipe)
-    assert not torch.allclose(before, after, atol=1e-6)
-    ours = diffalign.load_pipeline(str(tmp_path / "run"))
-    ours.scheduler = pipe.scheduler
-    assert isinstance(ours, StableDiffusionXLPipeline) and torch.allclose(sample(ours), after, atol=1e-4)
+    assert type(ours) is type(pipe) and torch.allclose(sample(ours), after, atol=1e-4)
 
 
 def test_sdxl_policy_predicts_what_the_pipeline_does():
