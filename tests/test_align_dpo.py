@@ -496,6 +496,11 @@ def test_16_bit_images_load_scaled_and_soft_labels_outside_0_1_are_refused(tmp_p
     (root / "pairs.jsonl").write_text('{"prompt": "3", "images": ["grey16.png", "white.png"], "phi": [1.5, 0]}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:1.*numbers in \[0, 1\]"):
         load_preferences(root)
+    # scores closer than float32 resolves: the label from the stored scores and from the loaded ones agree
+    (root / "pairs.jsonl").write_text('{"prompt": "3", "images": ["grey16.png", "white.png"], '
+                                      '"scores": {"r": [100000001.0, 100000000.0]}}\n')
+    data = load_preferences(root)
+    assert data.phi.tolist() == [[1.0, 0.0]] and data.ranked_by("r").decided() == [0]
 
 
 def test_synth_resumes_to_the_same_dataset(tmp_path):
@@ -616,6 +621,6 @@ def test_real_rankings_writes_a_loadable_dataset_of_training_images(tmp_path):
                               for im in data.loader(i)])
         assert torch.allclose(images, (x[idx] + 1) / 2, atol=1 / 255)
         expected = score(build_reward("contrast", "builtin:digits"), images, [data.prompts[i]] * 3)[:, 0]
-        assert torch.allclose(data.scores["contrast"][i], expected, atol=1e-3)
+        assert torch.allclose(data.scores["contrast"][i].float(), expected, atol=1e-3)
     with pytest.raises(SystemExit, match="not empty"):
         module.main(["--rewards", "contrast", "--out", str(out)])

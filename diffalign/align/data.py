@@ -252,8 +252,9 @@ def load_directory(path: str | Path, columns: dict[str, str] | None = None, drop
 
     return PreferenceData(
         prompts=[r["prompt"] for r in rows], phi=torch.tensor([r["phi"] for r in rows]),
-        scores={n: torch.tensor([r["scores"][n] for r in rows]) for n in sorted(names)}, source=str(file),
-        loader=loader, where=lambda i: wheres[i], sizes=sizes)
+        # float64, as the stored labels were computed: scores closer than float32 resolves stay apart
+        scores={n: torch.tensor([r["scores"][n] for r in rows], dtype=torch.float64) for n in sorted(names)},
+        source=str(file), loader=loader, where=lambda i: wheres[i], sizes=sizes)
 
 
 # ---------------------------------------------------------------------- Hugging Face datasets
