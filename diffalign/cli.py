@@ -212,20 +212,20 @@ def _eval_fid(args) -> None:
         stats = weights_dir(features_name.split(":", 1)[1]) / "fid_stats.safetensors"
     if stats is None:
         raise ValueError("pass --stats (reference statistics from `diffalign eval fid-stats`).")
-    if args.teleport and (args.images or base != args.model):
+    on_eval_set = not args.images and (base != args.model or args.eval_set)  # sampled as a trained model is
+    if args.teleport and (args.images or on_eval_set):
         raise ValueError("--teleport samples a registry model (builtin:..., reference:digits); drop it for an image "
-                         "folder or a `diffalign train` output.")
+                         "folder, a `diffalign train` output or --eval-set.")
+    if args.default_grid and on_eval_set:
+        raise ValueError("a `diffalign train` output (and --eval-set) is sampled with the pipeline's own grid; drop "
+                         "--default-grid.")
     if args.images:
         fid = FID(features, device=args.device)
         fid.load_reference(stats)
         fid.add(load_image_folder(args.images, args.num_images))
         result = {"fid": fid.compute(), "images": args.images}
-    elif base != args.model or args.eval_set:  # an aligned model (or --eval-set), sampled on evaluate's fixed set
+    elif on_eval_set:  # an aligned model (or --eval-set), sampled on evaluate's fixed set
         from .align.evaluate import eval_images
-
-        if args.teleport or args.default_grid:
-            raise ValueError("--eval-set (and a `diffalign train` output) samples the pipeline with its own grid; "
-                             "drop --teleport / --default-grid.")
 
         fid = FID(features, device=args.device)
         fid.load_reference(stats)

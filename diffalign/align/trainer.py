@@ -470,8 +470,7 @@ def train(method: str, cfg: TrainConfig, out_dir: str | Path, resume: str | None
     # and accelerate's references to it go now, while the process group they hold is alive (end_training ends it)
     policy.unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
     policy.forward_unet = policy.unet
-    del unet, prepared
-    optimizers.clear()
+    del unet
     accelerator.free_memory()
     if ema is not None:  # the run's result is the average (every process alike)
         ema.copy_to(params[MAIN])

@@ -133,8 +133,8 @@ def generate(policy: Policy, prompts: Sequence[str], x_T: torch.Tensor, sampler:
         x = x_T[start:start + batch_size].to(device=policy.device, dtype=policy.dtype) * sched.init_noise_sigma
         c = cond[start:start + batch_size]
         # stochastic samplers (DDIM with eta > 0, diffusers' ancestral ones) draw their noise from ``generator``
-        kwargs = {"generator": generator} if generator is not None and "generator" in signature(sched.step).parameters \
-            else {}
+        takes_generator = "generator" in signature(sched.step).parameters
+        kwargs = {"generator": generator} if generator is not None and takes_generator else {}
         for t in sched.timesteps:
             out = policy.predict(sched.scale_model_input(x, t), t, c, guidance)
             x = sched.step(out, t, x, **kwargs).prev_sample
